@@ -1,0 +1,9 @@
+//! Small shared types and helpers used by every daemon: LSNs, ids, logging, shutdown.
+
+pub mod id;
+pub mod logging;
+pub mod lsn;
+pub mod shutdown;
+
+pub use id::{NodeId, TenantId, TimelineId};
+pub use lsn::Lsn;
