@@ -78,6 +78,7 @@ fetch_source() {
   if [ -f "$dest" ]; then return; fi
   local tmp
   tmp=$(mktemp -d)
+  chmod 755 "$tmp" # apt downloads as the _apt user
   if command -v apt-get >/dev/null; then
     if [ "$(id -u)" = 0 ] && ! grep -rqs '^Types:.*deb-src\|^deb-src' /etc/apt/sources.list /etc/apt/sources.list.d/; then
       log "adding a deb-src entry for bookworm (/etc/apt/sources.list.d/neon-pg-src.sources)"
@@ -176,7 +177,7 @@ log "assembling $final_dir"
 rm -rf "$final_dir.tmp"
 cp -a "$core_dir/install" "$final_dir.tmp"
 cp "$core_dir/src/src/test/regress/pg_regress" "$final_dir.tmp/bin/"
-cp "$core_dir/src/src/test/regress/regress.so" "$final_dir.tmp/lib/"
+cp "$core_dir/src/src/test/regress/regress.so" "$final_dir.tmp/lib/postgresql/"
 cp "$core_dir/src/src/test/isolation/isolationtester" "$core_dir/src/src/test/isolation/pg_isolation_regress" "$final_dir.tmp/bin/"
 ln -sfn "$core_dir/src" "$final_dir.tmp/src" # the source tree: regression schedules and expected files
 
