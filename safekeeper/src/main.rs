@@ -1,4 +1,4 @@
-//! `safekeeper`: see DESIGN.md §2. The daemon arrives with its own issue; this entry point exists so the
+//! `safekeeper`: see DESIGN.md §2. The daemon arrives with its issue; this entry point exists so the
 //! workspace layout is fixed and CI builds every crate from the start.
 use clap::Parser;
 
@@ -8,6 +8,5 @@ struct Args {}
 
 fn main() -> anyhow::Result<()> {
     let _args = Args::parse();
-    utils::logging::init(utils::logging::LogFormat::Human)?;
     anyhow::bail!("safekeeper is not implemented yet; only --help and --version work")
 }

@@ -1,1 +1,7 @@
-//! See DESIGN.md §2. Filled in by the issue that needs it.
+//! What safekeepers and their clients share: terms and term histories, and the messages of the
+//! proposer–acceptor protocol (DESIGN D7).
+
+pub mod proto;
+pub mod term;
+
+pub use term::{Term, TermHistory, TermLsn};

@@ -77,7 +77,7 @@ impl Lsn {
     }
 
     pub fn is_aligned(self) -> bool {
-        self.0 % 8 == 0
+        self.0.is_multiple_of(8)
     }
 
     /// `from_hex` for the `XXXXXXXXYYYYYYYY` form used in some file names.
