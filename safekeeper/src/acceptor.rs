@@ -35,7 +35,9 @@ pub trait AcceptorStorage {
     fn truncate_wal(&mut self, end_lsn: Lsn) -> io::Result<()>;
     /// End of the WAL written so far.
     fn write_lsn(&self) -> Lsn;
-    /// End of the durable WAL.
+    /// End of the durable WAL, at a record boundary: a partial record at the tail is not
+    /// counted, so what we report (and a proposer may count as committed, or start a new term
+    /// at) is always the end of a whole record.
     fn flush_lsn(&self) -> Lsn;
 }
 
@@ -196,7 +198,7 @@ impl<S: AcceptorStorage> Acceptor<S> {
         // If we already follow this term, all our WAL came from this leader and agrees with it:
         // a repeated ProposerElected (reconnect, duplicate) must not cut WAL a quorum may count.
         let same_term = self.state.term_history.last().is_some_and(|l| l.term == e.term);
-        if !same_term && flush_lsn > start {
+        if !same_term && self.storage.write_lsn() > start {
             // Truncate first, then adopt the history: a crash in between leaves less WAL under
             // the old history, which is still true.
             self.storage.truncate_wal(start)?;

@@ -2,6 +2,7 @@
 //! proposer–acceptor protocol (DESIGN D7).
 
 pub mod proto;
+pub mod replication;
 pub mod term;
 
 pub use term::{Term, TermHistory, TermLsn};
