@@ -81,3 +81,18 @@ def vanilla_pg(daemons, test_output_dir, port_allocator) -> VanillaPostgres:
 def moto_s3(daemons, port_allocator) -> MotoS3:
     """moto's S3 server on a free port with an empty bucket."""
     return start_moto(daemons, port_allocator.get(), bucket="neon-test-bucket")
+
+
+@pytest.fixture
+def safekeeper_cluster(daemons, test_output_dir, port_allocator):
+    """Three safekeepers (fsync on), peers of each other, started."""
+    from fixtures.safekeeper import Safekeeper
+
+    ports = [(port_allocator.get(), port_allocator.get()) for _ in range(3)]
+    sks = []
+    for i, (pg_port, http_port) in enumerate(ports):
+        peers = [p for j, (p, _) in enumerate(ports) if j != i]
+        sks.append(Safekeeper(daemons, i + 1, test_output_dir / f"safekeeper{i + 1}", pg_port, http_port, peers=peers))
+    for sk in sks:
+        sk.start()
+    return sks

@@ -1,13 +1,127 @@
-//! `compute_ctl`: see DESIGN.md §2. The daemon arrives with its own issue; this entry point exists so the
-//! workspace layout is fixed and CI builds every crate from the start.
-use clap::Parser;
+//! `compute_ctl`: runs one compute. So far it offers the walproposer pieces (DESIGN D2):
+//! `sync-safekeepers` (elect, bring a quorum of safekeepers up to date, print the LSN a new
+//! compute must start at) and `walproposer` (stream a running Postgres's WAL to the
+//! safekeepers and release its synchronous commits once a quorum has them). The spec-driven
+//! compute start arrives with the stateless-compute work.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tracing::error;
+use utils::{TenantId, TimelineId};
+use walproposer::driver::{self, DriverConfig, HostPort, Outcome, PostgresSource};
 
 #[derive(Parser)]
-#[command(version, about = "compute_ctl (not yet functional: only --help and --version work)")]
-struct Args {}
+#[command(version, about = "Runs a compute: Postgres on pageserver storage with its WAL on safekeepers")]
+struct Cli {
+    /// Log format: human or json.
+    #[arg(long, default_value = "human", global = true)]
+    log_format: utils::logging::LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _args = Args::parse();
-    utils::logging::init(utils::logging::LogFormat::Human)?;
-    anyhow::bail!("compute_ctl is not implemented yet; only --help and --version work")
+#[derive(Args, Clone)]
+struct SafekeeperArgs {
+    /// Safekeepers' libpq addresses, comma-separated host:port.
+    #[arg(long, value_delimiter = ',', required = true)]
+    safekeepers: Vec<HostPort>,
+    #[arg(long)]
+    tenant_id: TenantId,
+    #[arg(long)]
+    timeline_id: TimelineId,
+    /// PG_VERSION_NUM of the compute.
+    #[arg(long, default_value_t = 150018)]
+    pg_version: u32,
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    wal_seg_size: u32,
+    /// Password (JWT) for safekeeper connections; also read from NEON_SAFEKEEPER_TOKEN.
+    #[arg(long, env = "NEON_SAFEKEEPER_TOKEN", hide_env_values = true)]
+    safekeeper_token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Elect a proposer, make a quorum of safekeepers agree, print the start LSN, exit.
+    SyncSafekeepers {
+        #[command(flatten)]
+        sk: SafekeeperArgs,
+        /// System identifier of the timeline's cluster, if known (0 = take the safekeepers').
+        #[arg(long, default_value_t = 0)]
+        system_id: u64,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout_s: u64,
+    },
+    /// Stream the WAL of a running Postgres to the safekeepers until stopped or superseded.
+    Walproposer {
+        #[command(flatten)]
+        sk: SafekeeperArgs,
+        /// The local Postgres (replication connection).
+        #[arg(long, default_value = "127.0.0.1:5432")]
+        pg_addr: HostPort,
+        #[arg(long, default_value = "cloud_admin")]
+        pg_user: String,
+    },
+}
+
+fn driver_config(sk: &SafekeeperArgs, postgres: Option<PostgresSource>, system_id: u64) -> DriverConfig {
+    DriverConfig {
+        safekeepers: sk.safekeepers.clone(),
+        tenant_id: sk.tenant_id,
+        timeline_id: sk.timeline_id,
+        postgres,
+        system_id,
+        pg_version: sk.pg_version,
+        wal_seg_size: sk.wal_seg_size,
+        safekeeper_password: sk.safekeeper_token.clone(),
+        reconnect_backoff_max: Duration::from_secs(2),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = utils::logging::init(cli.log_format) {
+        eprintln!("{e}");
+        return ExitCode::FAILURE;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        let shutdown = utils::shutdown::on_signals()?;
+        match cli.cmd {
+            Cmd::SyncSafekeepers { sk, system_id, timeout_s } => {
+                let run = driver::run(driver_config(&sk, None, system_id), shutdown);
+                match tokio::time::timeout(Duration::from_secs(timeout_s), run).await {
+                    Err(_) => anyhow::bail!(
+                        "sync-safekeepers did not finish in {timeout_s}s: is a quorum of safekeepers ({}) reachable?",
+                        sk.safekeepers.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")
+                    ),
+                    Ok(Ok(Outcome::Synced(lsn))) => {
+                        println!("{lsn}");
+                        Ok(())
+                    }
+                    Ok(Ok(Outcome::Stopped)) => anyhow::bail!("interrupted"),
+                    Ok(Err(e)) => Err(e),
+                }
+            }
+            Cmd::Walproposer { sk, pg_addr, pg_user } => {
+                let pg = PostgresSource { addr: pg_addr, user: pg_user };
+                driver::run(driver_config(&sk, Some(pg), 0), shutdown).await.map(|_| ())
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

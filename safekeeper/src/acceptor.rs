@@ -124,13 +124,14 @@ impl<S: AcceptorStorage> Acceptor<S> {
                 g.wal_seg_size, s.server.wal_seg_size
             ));
         }
-        if s.server.system_id != 0 && g.system_id != s.server.system_id {
+        // A proposer that does not know the system id (sync-safekeepers) sends 0.
+        if s.server.system_id != 0 && g.system_id != 0 && g.system_id != s.server.system_id {
             return violation(format!(
                 "proposer's system id {} differs from the timeline's {}",
                 g.system_id, s.server.system_id
             ));
         }
-        if s.server.system_id == 0 {
+        if s.server.system_id == 0 && g.system_id != 0 {
             let mut next = self.state.clone();
             next.server.system_id = g.system_id;
             if next.server.pg_version == 0 {

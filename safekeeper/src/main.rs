@@ -1,12 +1,101 @@
-//! `safekeeper`: see DESIGN.md §2. The daemon arrives with its issue; this entry point exists so the
-//! workspace layout is fixed and CI builds every crate from the start.
+//! `safekeeper`: one member of the WAL quorum (DESIGN D7). Serves walproposers and WAL readers
+//! over libpq, operators over HTTP, and pulls WAL it lacks from its peers.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
 use clap::Parser;
+use pq_proto::{BackendConfig, PostgresBackend, TrustAuth};
+use safekeeper::handler::SafekeeperHandler;
+use safekeeper::recovery::{self, Peer};
+use safekeeper::timeline::GlobalTimelines;
+use tracing::{info, warn};
+use utils::NodeId;
 
 #[derive(Parser)]
-#[command(version, about = "safekeeper (not yet functional: only --help and --version work)")]
-struct Args {}
+#[command(version, about = "Safekeeper: makes compute WAL durable on a quorum")]
+struct Args {
+    /// This safekeeper's node id (unique among the safekeepers of a timeline).
+    #[arg(long)]
+    id: u64,
+    /// Where timelines live.
+    #[arg(long, short = 'D')]
+    datadir: PathBuf,
+    /// libpq listen address (walproposers, WAL readers).
+    #[arg(long, default_value = "127.0.0.1:5454")]
+    listen_pg: SocketAddr,
+    /// HTTP listen address (management API, metrics).
+    #[arg(long, default_value = "127.0.0.1:7676")]
+    listen_http: SocketAddr,
+    /// Other safekeepers' libpq addresses (host:port, comma-separated), for peer recovery.
+    #[arg(long, value_delimiter = ',')]
+    peers: Vec<Peer>,
+    /// Skip fsync. Loses acknowledged WAL on a machine crash: for tests only.
+    #[arg(long)]
+    no_sync: bool,
+    #[arg(long, default_value = "human")]
+    log_format: utils::logging::LogFormat,
+}
 
 fn main() -> anyhow::Result<()> {
-    let _args = Args::parse();
-    anyhow::bail!("safekeeper is not implemented yet; only --help and --version work")
+    let args = Args::parse();
+    utils::logging::init(args.log_format)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    if args.no_sync {
+        warn!("--no-sync: WAL and control files are NOT fsynced; acknowledged commits can be lost on a crash. Use only in tests.");
+    }
+    let timelines = Arc::new(GlobalTimelines::load(NodeId(args.id), &args.datadir, !args.no_sync)?);
+    info!("safekeeper {} with {} timelines in {}", args.id, timelines.list().len(), args.datadir.display());
+    let shutdown = utils::shutdown::on_signals()?;
+
+    let pg_listener = tokio::net::TcpListener::bind(args.listen_pg)
+        .await
+        .with_context(|| format!("cannot listen on {} (libpq): is another process using it?", args.listen_pg))?;
+    let http_listener = tokio::net::TcpListener::bind(args.listen_http)
+        .await
+        .with_context(|| format!("cannot listen on {} (HTTP): is another process using it?", args.listen_http))?;
+    info!("listening for libpq on {}, HTTP on {}", args.listen_pg, args.listen_http);
+
+    let http = axum::serve(http_listener, safekeeper::http::router(timelines.clone()))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let http_task = tokio::spawn(async move { http.await });
+    tokio::spawn(recovery::run(timelines.clone(), args.peers.clone(), None, Duration::from_secs(1), shutdown.clone()));
+
+    let config = BackendConfig::default();
+    loop {
+        let (sock, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = pg_listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!("accept failed: {e}");
+                    continue;
+                }
+            },
+        };
+        let _ = sock.set_nodelay(true);
+        let mut handler = SafekeeperHandler { timelines: timelines.clone() };
+        let config = config.clone();
+        tokio::spawn(async move {
+            let pgb = PostgresBackend::new(sock, config);
+            match pgb.run(&TrustAuth, &mut handler).await {
+                Ok(end) => tracing::debug!("connection from {peer} ended: {end:?}"),
+                Err(e) if e.is_client_disconnect() => tracing::debug!("connection from {peer} closed: {e}"),
+                Err(e) => warn!("connection from {peer} failed: {e}"),
+            }
+        });
+    }
+    info!("shutting down");
+    for tl in timelines.list() {
+        tl.persist();
+    }
+    let _ = http_task.await;
+    Ok(())
 }

@@ -369,14 +369,12 @@ impl CopyBothReader {
     /// The next CopyData payload; `None` when the server ended the stream (CopyDone, or the
     /// command completed).
     pub async fn next(&mut self) -> Result<Option<Bytes>, ClientError> {
-        loop {
-            match self.r.read_significant().await? {
-                BackendMessage::Other(Message::CopyData(d)) => return Ok(Some(d.into_bytes())),
-                BackendMessage::Other(Message::CopyDone)
-                | BackendMessage::Other(Message::CommandComplete(_))
-                | BackendMessage::Other(Message::ReadyForQuery(_)) => return Ok(None),
-                _ => return Err(self.r.protocol("unexpected message in COPY BOTH".into())),
-            }
+        match self.r.read_significant().await? {
+            BackendMessage::Other(Message::CopyData(d)) => Ok(Some(d.into_bytes())),
+            BackendMessage::Other(Message::CopyDone)
+            | BackendMessage::Other(Message::CommandComplete(_))
+            | BackendMessage::Other(Message::ReadyForQuery(_)) => Ok(None),
+            _ => Err(self.r.protocol("unexpected message in COPY BOTH".into())),
         }
     }
 

@@ -1,0 +1,303 @@
+//! The safekeeper's libpq endpoint: one `SafekeeperHandler` per connection.
+//!
+//! Commands:
+//! - `START_WAL_PUSH`: a walproposer's stream of proposer messages (COPY BOTH);
+//! - `IDENTIFY_SYSTEM`, `START_REPLICATION [SLOT s] [PHYSICAL] X/Y [TIMELINE n] [TERM t]`: WAL for
+//!   readers (pageserver, standby computes, peers, a proposer fetching from its donor);
+//! - `TIMELINE_STATUS`: term, flush and commit LSN, for a compute's fast start.
+//!
+//! The timeline comes from the startup options: `-c tenant_id=<hex> -c timeline_id=<hex>`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pq_proto::{CopyMessage, FieldDescription, PostgresBackend, QueryError, QueryHandler, SqlState, UserError};
+use safekeeper_api::proto::ProposerMessage;
+use safekeeper_api::replication::{pg_now_us, FeedbackMessage, ReplicationMessage};
+use safekeeper_api::Term;
+use tracing::{debug, info, warn};
+use utils::{Lsn, TenantId, TimelineId};
+
+use crate::acceptor::AcceptorError;
+use crate::timeline::{GlobalTimelines, Timeline};
+
+/// Most WAL sent in one XLogData message.
+const MAX_SEND_BYTES: u64 = 128 * 1024;
+/// Keepalive period of an idle WAL sender (Postgres's wal_receiver_timeout is 60 s).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+
+pub struct SafekeeperHandler {
+    pub timelines: Arc<GlobalTimelines>,
+}
+
+fn user_err(code: SqlState, msg: impl Into<String>) -> QueryError {
+    QueryError::User(UserError::new(code, msg))
+}
+
+/// A parsed command.
+#[derive(Debug, PartialEq, Eq)]
+enum Command {
+    StartWalPush,
+    IdentifySystem,
+    TimelineStatus,
+    StartReplication { start_lsn: Lsn, term: Option<Term> },
+}
+
+fn parse_command(query: &str) -> Result<Command, QueryError> {
+    let q = query.trim().trim_end_matches(';').trim();
+    let words: Vec<&str> = q.split_whitespace().collect();
+    let upper: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
+    match upper.first().map(String::as_str) {
+        Some("START_WAL_PUSH") if words.len() == 1 => Ok(Command::StartWalPush),
+        Some("IDENTIFY_SYSTEM") if words.len() == 1 => Ok(Command::IdentifySystem),
+        Some("TIMELINE_STATUS") if words.len() == 1 => Ok(Command::TimelineStatus),
+        Some("START_REPLICATION") => {
+            let mut i = 1;
+            if upper.get(i).map(String::as_str) == Some("SLOT") {
+                i += 2; // slots are not kept: readers report their position in feedback
+            }
+            if upper.get(i).map(String::as_str) == Some("PHYSICAL") {
+                i += 1;
+            }
+            let bad = || user_err(SqlState::SYNTAX_ERROR, format!("cannot parse '{q}': expected START_REPLICATION [SLOT s] [PHYSICAL] X/Y [TIMELINE n] [TERM t]"));
+            let start_lsn: Lsn = words.get(i).ok_or_else(bad)?.parse().map_err(|_| bad())?;
+            i += 1;
+            let mut term = None;
+            while i < words.len() {
+                match upper[i].as_str() {
+                    "TIMELINE" => {
+                        let tli = words.get(i + 1).ok_or_else(bad)?;
+                        if *tli != "1" {
+                            return Err(user_err(SqlState::FEATURE_NOT_SUPPORTED, format!("only Postgres timeline 1 exists here, not {tli}")));
+                        }
+                    }
+                    "TERM" => term = Some(words.get(i + 1).ok_or_else(bad)?.parse().map_err(|_| bad())?),
+                    _ => return Err(bad()),
+                }
+                i += 2;
+            }
+            Ok(Command::StartReplication { start_lsn, term })
+        }
+        _ => Err(user_err(
+            SqlState::FEATURE_NOT_SUPPORTED,
+            format!("safekeeper does not support '{}': use START_WAL_PUSH, IDENTIFY_SYSTEM, START_REPLICATION or TIMELINE_STATUS", q.chars().take(80).collect::<String>()),
+        )),
+    }
+}
+
+impl SafekeeperHandler {
+    fn timeline(&self, pgb: &PostgresBackend) -> Result<Arc<Timeline>, QueryError> {
+        let params = pgb.startup_params().ok_or_else(|| user_err(SqlState::PROTOCOL_VIOLATION, "no startup packet"))?;
+        let get = |name: &str| -> Result<String, QueryError> {
+            params.option(name).map(|s| s.to_string()).ok_or_else(|| {
+                user_err(
+                    SqlState::INVALID_PARAMETER_VALUE,
+                    format!("connect with options '-c tenant_id=<hex> -c timeline_id=<hex>': {name} is missing"),
+                )
+            })
+        };
+        let tenant_id: TenantId =
+            get("tenant_id")?.parse().map_err(|e| user_err(SqlState::INVALID_PARAMETER_VALUE, format!("{e}")))?;
+        let timeline_id: TimelineId =
+            get("timeline_id")?.parse().map_err(|e| user_err(SqlState::INVALID_PARAMETER_VALUE, format!("{e}")))?;
+        self.timelines.get(tenant_id, timeline_id).map_err(|e| user_err(SqlState::UNDEFINED_OBJECT, e.to_string()))
+    }
+}
+
+impl QueryHandler for SafekeeperHandler {
+    async fn process_query(&mut self, pgb: &mut PostgresBackend, query: &str) -> Result<(), QueryError> {
+        let cmd = parse_command(query)?;
+        let tl = self.timeline(pgb)?;
+        match cmd {
+            Command::StartWalPush => receive_wal(pgb, tl).await,
+            Command::IdentifySystem => {
+                let st = tl.status();
+                pgb.write_row_set(
+                    &[
+                        FieldDescription::text("systemid"),
+                        FieldDescription::int4("timeline"),
+                        FieldDescription::text("xlogpos"),
+                        FieldDescription::text("dbname"),
+                    ],
+                    [[Some(st.system_id.to_string()), Some("1".to_string()), Some(st.commit_lsn.to_string()), None]],
+                )
+                .await?;
+                Ok(())
+            }
+            Command::TimelineStatus => {
+                let st = tl.status();
+                pgb.write_row_set(
+                    &[
+                        FieldDescription::int8("term"),
+                        FieldDescription::text("flush_lsn"),
+                        FieldDescription::text("commit_lsn"),
+                        FieldDescription::text("timeline_start_lsn"),
+                        FieldDescription::text("last_log_term"),
+                    ],
+                    [[
+                        Some(st.term.to_string()),
+                        Some(st.flush_lsn.to_string()),
+                        Some(st.commit_lsn.to_string()),
+                        Some(st.timeline_start_lsn.to_string()),
+                        Some(st.term_history.last_log_term(st.flush_lsn).to_string()),
+                    ]],
+                )
+                .await?;
+                Ok(())
+            }
+            Command::StartReplication { start_lsn, term } => send_wal(pgb, tl, start_lsn, term).await,
+        }
+    }
+}
+
+/// Runs a walproposer's stream: each proposer message is handled (written and fsynced when it
+/// carries WAL) before its answer is sent.
+async fn receive_wal(pgb: &mut PostgresBackend, tl: Arc<Timeline>) -> Result<(), QueryError> {
+    pgb.start_copy_both().await?;
+    info!("walproposer connected to timeline {}/{}", tl.tenant_id, tl.timeline_id);
+    loop {
+        let data = match pgb.read_copy_message().await? {
+            CopyMessage::Data(d) => d,
+            CopyMessage::Done => {
+                pgb.finish_copy("COPY 0").await?;
+                return Ok(());
+            }
+            CopyMessage::Fail(m) => {
+                return Err(user_err(SqlState::QUERY_CANCELED, format!("walproposer aborted the stream: {m}")))
+            }
+        };
+        let msg = ProposerMessage::decode(&data)
+            .map_err(|e| user_err(SqlState::PROTOCOL_VIOLATION, format!("bad proposer message: {e}")))?;
+        let tl2 = tl.clone();
+        let reply = tokio::task::spawn_blocking(move || tl2.process(&msg))
+            .await
+            .map_err(|e| user_err(SqlState::INTERNAL_ERROR, format!("WAL receiver task failed: {e}")))?;
+        match reply {
+            Ok(Some(r)) => {
+                pgb.write_copy_data(&r.encode()).await?;
+                pgb.flush().await?;
+            }
+            Ok(None) => {}
+            Err(AcceptorError::Protocol(e)) => {
+                warn!("timeline {}/{}: refusing proposer message: {e}", tl.tenant_id, tl.timeline_id);
+                return Err(user_err(SqlState::PROTOCOL_VIOLATION, e));
+            }
+            Err(AcceptorError::Io(e)) => {
+                tracing::error!("timeline {}/{}: storage failed: {e}", tl.tenant_id, tl.timeline_id);
+                return Err(user_err(SqlState::INTERNAL_ERROR, format!("safekeeper storage failed: {e}")));
+            }
+        }
+    }
+}
+
+/// Streams WAL from `start_lsn`: up to the commit LSN for ordinary readers; up to the flush LSN
+/// for a proposer fetching from its donor (`term` given), and only while our term is `term`.
+async fn send_wal(
+    pgb: &mut PostgresBackend,
+    tl: Arc<Timeline>,
+    start_lsn: Lsn,
+    term: Option<Term>,
+) -> Result<(), QueryError> {
+    let st = tl.status();
+    if start_lsn < st.local_start_lsn {
+        return Err(user_err(
+            SqlState::INVALID_PARAMETER_VALUE,
+            format!("requested WAL at {start_lsn} is before this safekeeper's first WAL at {}", st.local_start_lsn),
+        ));
+    }
+    if let Some(t) = term {
+        if st.term != t {
+            return Err(user_err(
+                SqlState::INVALID_PARAMETER_VALUE,
+                format!("term is {} now, not {t}: the WAL may have changed", st.term),
+            ));
+        }
+    }
+    pgb.start_copy_both().await?;
+    debug!("WAL sender for {}/{} from {start_lsn}", tl.tenant_id, tl.timeline_id);
+    let mut positions = tl.positions();
+    let mut pos = start_lsn;
+    let mut keepalive = tokio::time::interval(KEEPALIVE_INTERVAL);
+    loop {
+        let p = *positions.borrow_and_update();
+        if let Some(t) = term {
+            if p.term != t {
+                return Err(user_err(
+                    SqlState::INVALID_PARAMETER_VALUE,
+                    format!("term moved to {} while streaming for term {t}", p.term),
+                ));
+            }
+        }
+        let end = if term.is_some() { p.flush_lsn } else { p.commit_lsn };
+        if pos < end {
+            let to = Lsn(end.0.min(pos.0 + MAX_SEND_BYTES));
+            let tl2 = tl.clone();
+            let data = tokio::task::spawn_blocking(move || tl2.read_wal(pos, to))
+                .await
+                .map_err(|e| user_err(SqlState::INTERNAL_ERROR, format!("WAL read task failed: {e}")))?
+                .map_err(|e| user_err(SqlState::INTERNAL_ERROR, format!("reading WAL {pos}..{to}: {e}")))?;
+            let msg = ReplicationMessage::XLogData { wal_start: pos, wal_end: end, send_time_us: pg_now_us(), data };
+            pgb.write_copy_data(&msg.encode()).await?;
+            pgb.flush().await?;
+            pos = to;
+            continue;
+        }
+        tokio::select! {
+            m = pgb.read_copy_message() => match m? {
+                CopyMessage::Data(d) => handle_feedback(&tl, &d),
+                CopyMessage::Done => {
+                    pgb.finish_copy("COPY 0").await?;
+                    return Ok(());
+                }
+                CopyMessage::Fail(m) => return Err(user_err(SqlState::QUERY_CANCELED, format!("reader aborted: {m}"))),
+            },
+            r = positions.changed() => {
+                if r.is_err() {
+                    return Err(user_err(SqlState::ADMIN_SHUTDOWN, "timeline was deleted"));
+                }
+            }
+            _ = keepalive.tick() => {
+                let k = ReplicationMessage::Keepalive { wal_end: end, send_time_us: pg_now_us(), reply_requested: false };
+                pgb.write_copy_data(&k.encode()).await?;
+                pgb.flush().await?;
+            }
+        }
+    }
+}
+
+fn handle_feedback(tl: &Timeline, data: &[u8]) {
+    match FeedbackMessage::decode(data) {
+        // Readers report remote-consistent progress (pageserver) in the apply field.
+        Ok(FeedbackMessage::StandbyStatus { apply_lsn, .. }) => tl.update_remote_consistent_lsn(apply_lsn),
+        Ok(FeedbackMessage::HotStandby { .. }) => {}
+        Err(e) => debug!("ignoring unknown feedback from a WAL reader: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_parse() {
+        assert_eq!(parse_command("START_WAL_PUSH").unwrap(), Command::StartWalPush);
+        assert_eq!(parse_command(" identify_system; ").unwrap(), Command::IdentifySystem);
+        assert_eq!(
+            parse_command("START_REPLICATION SLOT x PHYSICAL 0/3000000 TIMELINE 1").unwrap(),
+            Command::StartReplication { start_lsn: Lsn(0x3000000), term: None }
+        );
+        assert_eq!(
+            parse_command("START_REPLICATION PHYSICAL 1/10 TERM 7").unwrap(),
+            Command::StartReplication { start_lsn: Lsn(0x1_0000_0010), term: Some(7) }
+        );
+        for bad in [
+            "START_REPLICATION",
+            "START_REPLICATION PHYSICAL zz",
+            "START_REPLICATION 0/1 TIMELINE 2",
+            "DROP TABLE x",
+            "START_WAL_PUSH now",
+        ] {
+            assert!(parse_command(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! The safekeeper's HTTP management API.
+//!
+//! - `GET /v1/status`
+//! - `POST /v1/tenant/{tenant_id}/timeline` (body: `TimelineCreateRequest`)
+//! - `GET|DELETE /v1/tenant/{tenant_id}/timeline/{timeline_id}`
+//! - `GET /v1/tenant/{tenant_id}/timeline/{timeline_id}/digest?from_lsn=X/Y&until_lsn=X/Y`
+//! - `GET /metrics` (Prometheus text)
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use safekeeper_api::models::{SafekeeperStatus, TimelineCreateRequest, WalDigest};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use utils::{Lsn, TenantId, TimelineId};
+
+use crate::timeline::{GlobalTimelines, TimelineError};
+
+/// An error answer: status code and a JSON `{"msg": ...}` body.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "msg": self.1 }))).into_response()
+    }
+}
+
+impl From<TimelineError> for ApiError {
+    fn from(e: TimelineError) -> Self {
+        let code = match &e {
+            TimelineError::NotFound { .. } => StatusCode::NOT_FOUND,
+            TimelineError::AlreadyExists { .. } => StatusCode::CONFLICT,
+            TimelineError::Invalid(_) => StatusCode::BAD_REQUEST,
+            TimelineError::Io(..) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
+fn bad_request(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+fn parse_ids(tenant: &str, timeline: Option<&str>) -> Result<(TenantId, Option<TimelineId>), ApiError> {
+    let t = tenant.parse().map_err(|e| bad_request(format!("{e}")))?;
+    let tl = timeline.map(|s| s.parse()).transpose().map_err(|e| bad_request(format!("{e}")))?;
+    Ok((t, tl))
+}
+
+pub fn router(timelines: Arc<GlobalTimelines>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/tenant/{tenant_id}/timeline", axum::routing::post(create_timeline))
+        .route("/v1/tenant/{tenant_id}/timeline/{timeline_id}", get(get_timeline).delete(delete_timeline))
+        .route("/v1/tenant/{tenant_id}/timeline/{timeline_id}/digest", get(digest))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError(StatusCode::NOT_FOUND, "no such route; see the safekeeper's HTTP API in its docs".into())
+        })
+        .with_state(timelines)
+}
+
+async fn status(State(tls): State<Arc<GlobalTimelines>>) -> Json<SafekeeperStatus> {
+    Json(SafekeeperStatus { id: tls.node_id, timelines: tls.list().len() })
+}
+
+async fn create_timeline(
+    State(tls): State<Arc<GlobalTimelines>>,
+    Path(tenant): Path<String>,
+    body: Result<Json<TimelineCreateRequest>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let (tenant_id, _) = parse_ids(&tenant, None)?;
+    let Json(req) = body.map_err(|e| bad_request(format!("bad timeline create request: {}", e.body_text())))?;
+    let tl = tokio::task::spawn_blocking(move || tls.create(tenant_id, &req))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok((StatusCode::CREATED, Json(tl.status())))
+}
+
+async fn get_timeline(
+    State(tls): State<Arc<GlobalTimelines>>,
+    Path((t, tl)): Path<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    let (tenant_id, timeline_id) = parse_ids(&t, Some(&tl))?;
+    let tl = tls.get(tenant_id, timeline_id.expect("given"))?;
+    Ok(Json(tl.status()))
+}
+
+async fn delete_timeline(
+    State(tls): State<Arc<GlobalTimelines>>,
+    Path((t, tl)): Path<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    let (tenant_id, timeline_id) = parse_ids(&t, Some(&tl))?;
+    let timeline_id = timeline_id.expect("given");
+    let existed = tokio::task::spawn_blocking(move || tls.delete(tenant_id, timeline_id))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    if !existed {
+        return Err(TimelineError::NotFound { tenant_id, timeline_id }.into());
+    }
+    Ok(Json(serde_json::json!({ "deleted": true })))
+}
+
+#[derive(Deserialize)]
+struct DigestQuery {
+    from_lsn: String,
+    until_lsn: String,
+}
+
+async fn digest(
+    State(tls): State<Arc<GlobalTimelines>>,
+    Path((t, tl)): Path<(String, String)>,
+    Query(q): Query<DigestQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    let (tenant_id, timeline_id) = parse_ids(&t, Some(&tl))?;
+    let tl = tls.get(tenant_id, timeline_id.expect("given"))?;
+    let from: Lsn = q.from_lsn.parse().map_err(|e| bad_request(format!("from_lsn: {e}")))?;
+    let until: Lsn = q.until_lsn.parse().map_err(|e| bad_request(format!("until_lsn: {e}")))?;
+    if until < from {
+        return Err(bad_request(format!("until_lsn {until} is before from_lsn {from}")));
+    }
+    let flush = tl.status().flush_lsn;
+    if until > flush {
+        return Err(bad_request(format!("until_lsn {until} is beyond this safekeeper's WAL end {flush}")));
+    }
+    let sha256 = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+        let mut h = Sha256::new();
+        let mut pos = from;
+        while pos < until {
+            let to = Lsn(until.0.min(pos.0 + (1 << 20)));
+            h.update(tl.read_wal(pos, to)?);
+            pos = to;
+        }
+        Ok(hex::encode(h.finalize()))
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("reading WAL: {e}")))?;
+    Ok(Json(WalDigest { from_lsn: from, until_lsn: until, sha256 }))
+}
+
+async fn metrics(State(tls): State<Arc<GlobalTimelines>>) -> impl IntoResponse {
+    let mut out = String::new();
+    out.push_str("# HELP safekeeper_timelines Timelines held by this safekeeper.\n# TYPE safekeeper_timelines gauge\n");
+    let list = tls.list();
+    out.push_str(&format!("safekeeper_timelines {}\n", list.len()));
+    out.push_str("# HELP safekeeper_flush_lsn_bytes End of durable WAL.\n# TYPE safekeeper_flush_lsn_bytes gauge\n");
+    let mut commit = String::from(
+        "# HELP safekeeper_commit_lsn_bytes Committed WAL end.\n# TYPE safekeeper_commit_lsn_bytes gauge\n",
+    );
+    let mut term = String::from("# HELP safekeeper_term Current term.\n# TYPE safekeeper_term gauge\n");
+    for tl in list {
+        let s = tl.status();
+        let labels = format!("tenant_id=\"{}\",timeline_id=\"{}\"", s.tenant_id, s.timeline_id);
+        out.push_str(&format!("safekeeper_flush_lsn_bytes{{{labels}}} {}\n", s.flush_lsn.0));
+        commit.push_str(&format!("safekeeper_commit_lsn_bytes{{{labels}}} {}\n", s.commit_lsn.0));
+        term.push_str(&format!("safekeeper_term{{{labels}}} {}\n", s.term));
+    }
+    out.push_str(&commit);
+    out.push_str(&term);
+    ([("content-type", "text/plain; version=0.0.4")], out)
+}
