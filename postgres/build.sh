@@ -39,7 +39,8 @@ log() { echo "[postgres/build.sh] $*" >&2; }
 
 hash_tree() { # stable hash of the files under $1 (names and contents)
   local dir=$1
-  if [ -d "$dir" ]; then
+  # A missing folder and an empty one hash alike (git does not keep empty folders).
+  if [ -d "$dir" ] && [ -n "$(find "$dir" -type f -print -quit)" ]; then
     (cd "$dir" && find . -type f ! -name '*.o' ! -name '*.so' ! -name '*.bc' -print0 | LC_ALL=C sort -z |
       xargs -0 -r sha256sum) | sha256sum | cut -c1-16
   else
