@@ -1,0 +1,22 @@
+//! The pageserver's storage engine (DESIGN D6): keys and values, immutable layer files, the
+//! in-memory layer that absorbs ingest, the layer map of a timeline, and the read path that
+//! collects what is needed to reconstruct a page at an LSN. No network, no WAL decoding here:
+//! the daemon and ingest build on this.
+//!
+//! Modules, one job each:
+//! - [`key`]: the 18-byte storage key and its layout.
+//! - [`value`]: images and WAL records, and their encoding.
+//! - [`layer`]: the layer file format; delta and image writers and readers; the block cache.
+//! - [`inmemory_layer`]: the open layer.
+//! - [`layer_map`]: which layer to read next for a key at an LSN.
+//! - [`reconstruct`]: the walk down a timeline's layers.
+
+pub mod inmemory_layer;
+pub mod key;
+pub mod layer;
+pub mod layer_map;
+pub mod reconstruct;
+pub mod value;
+
+#[cfg(test)]
+pub(crate) mod test_utils;
