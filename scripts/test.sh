@@ -42,4 +42,4 @@ cargo test --workspace --locked
 
 step "pytest"
 # Exit code 5 = no tests collected: treat as a failure, a test run must test something.
-.venv/bin/pytest test_runner -m "not slow" "$@"
+.venv/bin/pytest test_runner -m "not slow and not performance" "$@"

@@ -17,6 +17,7 @@ pub mod layer;
 pub mod layer_map;
 pub mod reconstruct;
 pub mod value;
+pub mod walredo;
 
 #[cfg(test)]
 pub(crate) mod test_utils;
