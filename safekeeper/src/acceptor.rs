@@ -212,44 +212,67 @@ impl<S: AcceptorStorage> Acceptor<S> {
     }
 
     fn on_append(&mut self, a: &AppendRequest) -> Result<AcceptorMessage, AcceptorError> {
-        if a.term < self.state.term {
-            return Ok(self.append_response()); // superseded leader
+        self.process_appends(std::slice::from_ref(a))
+    }
+
+    /// Handles consecutive AppendRequests with one fsync: each is checked and written, then the
+    /// WAL is flushed once and one answer (carrying the flush LSN after all of them) is due.
+    /// The daemon batches what a proposer pipelined; the rules are those of single appends.
+    pub fn process_appends(&mut self, batch: &[AppendRequest]) -> Result<AcceptorMessage, AcceptorError> {
+        let Some(last) = batch.last() else { return Ok(self.append_response()) };
+        let mut wrote = false;
+        for a in batch {
+            if a.term < self.state.term {
+                if wrote {
+                    self.storage.flush_wal()?;
+                }
+                return Ok(self.append_response()); // superseded leader
+            }
+            if self.state.term_history.last().map(|l| l.term) != Some(a.term) {
+                return violation(format!(
+                    "AppendRequest for term {} before ProposerElected of that term (our term {})",
+                    a.term, self.state.term
+                ));
+            }
+            if a.end_lsn.checked_sub(a.begin_lsn) != Some(a.wal.len() as u64) {
+                return violation(format!(
+                    "AppendRequest {}..{} carries {} bytes",
+                    a.begin_lsn,
+                    a.end_lsn,
+                    a.wal.len()
+                ));
+            }
+            let write_lsn = self.storage.write_lsn();
+            if a.begin_lsn > write_lsn {
+                return violation(format!(
+                    "AppendRequest starts at {} but our WAL ends at {write_lsn}: gap",
+                    a.begin_lsn
+                ));
+            }
+            if a.end_lsn > write_lsn {
+                // Bytes below write_lsn were already received from this leader (a resend).
+                let skip = (write_lsn - a.begin_lsn) as usize;
+                self.storage.write_wal(write_lsn, &a.wal[skip..])?;
+                wrote = true;
+            }
         }
-        if self.state.term_history.last().map(|l| l.term) != Some(a.term) {
-            return violation(format!(
-                "AppendRequest for term {} before ProposerElected of that term (our term {})",
-                a.term, self.state.term
-            ));
-        }
-        if a.end_lsn.checked_sub(a.begin_lsn) != Some(a.wal.len() as u64) {
-            return violation(format!("AppendRequest {}..{} carries {} bytes", a.begin_lsn, a.end_lsn, a.wal.len()));
-        }
-        let write_lsn = self.storage.write_lsn();
-        if a.begin_lsn > write_lsn {
-            return violation(format!("AppendRequest starts at {} but our WAL ends at {write_lsn}: gap", a.begin_lsn));
-        }
-        if a.end_lsn > write_lsn {
-            // Bytes below write_lsn were already received from this leader (a resend).
-            let skip = (write_lsn - a.begin_lsn) as usize;
-            self.storage.write_wal(write_lsn, &a.wal[skip..])?;
+        if wrote {
             self.storage.flush_wal()?;
         }
         let flush_lsn = self.storage.flush_lsn();
-        let commit = a.commit_lsn.min(flush_lsn);
+        let commit = batch.iter().map(|a| a.commit_lsn).max().unwrap_or_default().min(flush_lsn);
         if commit > self.state.commit_lsn {
             self.state.commit_lsn = commit;
         }
-        let horizon = a.truncate_lsn.min(self.state.commit_lsn);
+        let horizon = last.truncate_lsn.min(self.state.commit_lsn);
         if horizon > self.state.peer_horizon_lsn {
             self.state.peer_horizon_lsn = horizon;
         }
-        // Persisting the commit LSN on every append would double the fsyncs; it is recoverable
-        // from peers. Persist on heartbeats (no WAL) and at segment boundaries.
+        // Persisting the commit LSN with every append would double the fsyncs, and it can be
+        // learned again from the proposer or peers: persist it when it enters a new segment;
+        // the daemon also calls `persist_if_dirty` now and then and on shutdown.
         let seg = self.state.server.wal_seg_size.max(1) as u64;
-        if self.state.commit_lsn != self.persisted_commit_lsn
-            && (a.wal.is_empty()
-                || self.state.commit_lsn.segment_number(seg) != self.persisted_commit_lsn.segment_number(seg))
-        {
+        if self.state.commit_lsn.segment_number(seg) != self.persisted_commit_lsn.segment_number(seg) {
             self.persist(self.state.clone())?;
         }
         Ok(self.append_response())
@@ -283,6 +306,15 @@ impl<S: AcceptorStorage> Acceptor<S> {
     /// Persists in-memory-only fields (commit LSN, horizons), e.g. on shutdown.
     pub fn persist_now(&mut self) -> Result<(), AcceptorError> {
         self.persist(self.state.clone())
+    }
+
+    /// Persists the state if the commit LSN moved since it was last written.
+    pub fn persist_if_dirty(&mut self) -> Result<bool, AcceptorError> {
+        if self.state.commit_lsn == self.persisted_commit_lsn {
+            return Ok(false);
+        }
+        self.persist_now()?;
+        Ok(true)
     }
 }
 
@@ -476,7 +508,9 @@ mod tests {
         let mut a = acceptor();
         lead(&mut a, 1);
         a.process(&append(1, START.0, &[1; 100], START.0 + 100)).unwrap();
-        a.process(&append(1, START.0 + 100, &[], START.0 + 100)).unwrap(); // heartbeat persists commit
+        a.process(&append(1, START.0 + 100, &[], START.0 + 100)).unwrap();
+        assert!(a.persist_if_dirty().unwrap(), "the commit LSN moved, so it is written");
+        assert!(!a.persist_if_dirty().unwrap(), "and only once");
         assert_eq!(a.storage().state.commit_lsn, START + 100);
         // Simulate a restart that found only 80 valid bytes.
         let mut disk = a.storage().clone();

@@ -9,6 +9,8 @@
 //! The timeline comes from the startup options: `-c tenant_id=<hex> -c timeline_id=<hex>`.
 
 use std::sync::Arc;
+
+use futures::FutureExt;
 use std::time::Duration;
 
 use pq_proto::{CopyMessage, FieldDescription, PostgresBackend, QueryError, QueryHandler, SqlState, UserError};
@@ -155,23 +157,63 @@ impl QueryHandler for SafekeeperHandler {
 async fn receive_wal(pgb: &mut PostgresBackend, tl: Arc<Timeline>) -> Result<(), QueryError> {
     pgb.start_copy_both().await?;
     info!("walproposer connected to timeline {}/{}", tl.tenant_id, tl.timeline_id);
+    let mut pending: Option<ProposerMessage> = None;
+    // The stream ended (or failed) while we were gathering a batch: finish after it.
+    let mut ended: Option<Result<(), QueryError>> = None;
     loop {
-        let data = match pgb.read_copy_message().await? {
-            CopyMessage::Data(d) => d,
-            CopyMessage::Done => {
-                pgb.finish_copy("COPY 0").await?;
-                return Ok(());
-            }
-            CopyMessage::Fail(m) => {
-                return Err(user_err(SqlState::QUERY_CANCELED, format!("walproposer aborted the stream: {m}")))
-            }
+        if let Some(end) = ended.take() {
+            end?;
+            pgb.finish_copy("COPY 0").await?;
+            return Ok(());
+        }
+        let msg = match pending.take() {
+            Some(m) => m,
+            None => match read_proposer_message(pgb).await? {
+                Some(m) => m,
+                None => {
+                    pgb.finish_copy("COPY 0").await?;
+                    return Ok(());
+                }
+            },
         };
-        let msg = ProposerMessage::decode(&data)
-            .map_err(|e| user_err(SqlState::PROTOCOL_VIOLATION, format!("bad proposer message: {e}")))?;
         let tl2 = tl.clone();
-        let reply = tokio::task::spawn_blocking(move || tl2.process(&msg))
-            .await
-            .map_err(|e| user_err(SqlState::INTERNAL_ERROR, format!("WAL receiver task failed: {e}")))?;
+        let reply = match msg {
+            ProposerMessage::Append(first) => {
+                // Take every append the proposer already pipelined, so they share one fsync.
+                let mut batch = vec![first];
+                let mut batch_bytes = batch[0].wal.len();
+                while batch_bytes < MAX_BATCH_BYTES {
+                    match pgb.read_copy_message().now_or_never() {
+                        Some(Ok(CopyMessage::Data(d))) => match decode_proposer_message(&d)? {
+                            ProposerMessage::Append(a) => {
+                                batch_bytes += a.wal.len();
+                                batch.push(a);
+                            }
+                            other => {
+                                pending = Some(other);
+                                break;
+                            }
+                        },
+                        Some(Ok(CopyMessage::Done)) => {
+                            ended = Some(Ok(()));
+                            break;
+                        }
+                        Some(Ok(CopyMessage::Fail(m))) => {
+                            ended = Some(Err(user_err(SqlState::QUERY_CANCELED, format!("walproposer aborted: {m}"))));
+                            break;
+                        }
+                        Some(Err(e)) => {
+                            ended = Some(Err(e.into()));
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                tokio::task::spawn_blocking(move || tl2.process_appends(&batch).map(Some)).await
+            }
+            other => tokio::task::spawn_blocking(move || tl2.process(&other)).await,
+        }
+        .map_err(|e| user_err(SqlState::INTERNAL_ERROR, format!("WAL receiver task failed: {e}")))?;
         match reply {
             Ok(Some(r)) => {
                 pgb.write_copy_data(&r.encode()).await?;
@@ -187,6 +229,23 @@ async fn receive_wal(pgb: &mut PostgresBackend, tl: Arc<Timeline>) -> Result<(),
                 return Err(user_err(SqlState::INTERNAL_ERROR, format!("safekeeper storage failed: {e}")));
             }
         }
+    }
+}
+
+/// Most WAL handled with one fsync.
+const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+fn decode_proposer_message(data: &bytes::Bytes) -> Result<ProposerMessage, QueryError> {
+    ProposerMessage::decode(data)
+        .map_err(|e| user_err(SqlState::PROTOCOL_VIOLATION, format!("bad proposer message: {e}")))
+}
+
+/// The next proposer message; `None` when the proposer ended the stream.
+async fn read_proposer_message(pgb: &mut PostgresBackend) -> Result<Option<ProposerMessage>, QueryError> {
+    match pgb.read_copy_message().await? {
+        CopyMessage::Data(d) => decode_proposer_message(&d).map(Some),
+        CopyMessage::Done => Ok(None),
+        CopyMessage::Fail(m) => Err(user_err(SqlState::QUERY_CANCELED, format!("walproposer aborted the stream: {m}"))),
     }
 }
 

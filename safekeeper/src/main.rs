@@ -68,6 +68,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let http_task = tokio::spawn(async move { http.await });
     tokio::spawn(recovery::run(timelines.clone(), args.peers.clone(), None, Duration::from_secs(1), shutdown.clone()));
 
+    // The commit LSN is persisted lazily (see Acceptor::process_appends); write it out now and then.
+    let tls = timelines.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let list = tls.list();
+            let _ = tokio::task::spawn_blocking(move || list.iter().for_each(|t| t.persist_if_dirty())).await;
+        }
+    });
+
     let config = BackendConfig::default();
     loop {
         let (sock, peer) = tokio::select! {

@@ -1,10 +1,10 @@
-//! Peer recovery: a safekeeper that lags behind what its peers have committed pulls the missing
-//! WAL from a peer that follows the same leader.
+//! Peer recovery: a safekeeper that lags behind a peer following the same leader pulls the
+//! missing WAL from it.
 //!
 //! Safety: we only copy from a peer whose term equals ours and whose WAL was written by the same
 //! term we follow (its last log term is our history's last term). Both then hold a prefix of that
-//! leader's WAL, so the peer's committed WAL extends ours exactly; it goes through the normal
-//! append path, as if the leader had sent it.
+//! leader's WAL, so the peer's WAL extends ours exactly; it goes through the normal append path,
+//! as if the leader had sent it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +36,7 @@ impl std::str::FromStr for Peer {
 
 struct PeerStatus {
     term: Term,
+    flush_lsn: Lsn,
     commit_lsn: Lsn,
     last_log_term: Term,
 }
@@ -54,7 +55,12 @@ async fn peer_status(peer: &Peer, tl: &Timeline, password: Option<&str>) -> anyh
     let rows = c.simple_query("TIMELINE_STATUS").await?;
     let r = rows.first().context("TIMELINE_STATUS returned no row")?;
     let cell = |i: usize| r.get(i).cloned().flatten().with_context(|| format!("TIMELINE_STATUS column {i} missing"));
-    Ok(PeerStatus { term: cell(0)?.parse()?, commit_lsn: cell(2)?.parse()?, last_log_term: cell(4)?.parse()? })
+    Ok(PeerStatus {
+        term: cell(0)?.parse()?,
+        flush_lsn: cell(1)?.parse()?,
+        commit_lsn: cell(2)?.parse()?,
+        last_log_term: cell(4)?.parse()?,
+    })
 }
 
 /// One recovery attempt for `tl`: returns the LSN reached, if it pulled anything.
@@ -72,12 +78,14 @@ async fn recover_once(tl: &Arc<Timeline>, peers: &[Peer], password: Option<&str>
                 continue;
             }
         };
-        if ps.term != st.term || ps.last_log_term != st.term || ps.commit_lsn <= st.flush_lsn {
+        // The peer's WAL in our term came from the same leader as ours: all of it up to its
+        // flush LSN (committed or not) is what that leader would send us.
+        if ps.term != st.term || ps.last_log_term != st.term || ps.flush_lsn <= st.flush_lsn {
             continue;
         }
         info!(
-            "timeline {}/{}: our WAL ends at {}, peer {}:{} committed up to {}; recovering from it",
-            tl.tenant_id, tl.timeline_id, st.flush_lsn, peer.host, peer.port, ps.commit_lsn
+            "timeline {}/{}: our WAL ends at {}, peer {}:{} has it up to {}; recovering from it",
+            tl.tenant_id, tl.timeline_id, st.flush_lsn, peer.host, peer.port, ps.flush_lsn
         );
         let mut c = conn(peer, tl, password);
         c.replication = Some("true".into());
@@ -85,7 +93,7 @@ async fn recover_once(tl: &Arc<Timeline>, peers: &[Peer], password: Option<&str>
         let (mut reader, _w) =
             client.copy_both(&format!("START_REPLICATION PHYSICAL {} TERM {}", st.flush_lsn, st.term)).await?;
         let mut pos = st.flush_lsn;
-        while pos < ps.commit_lsn {
+        while pos < ps.flush_lsn {
             let Some(d) = reader.next().await? else { bail!("peer ended the stream at {pos}") };
             let ReplicationMessage::XLogData { wal_start, data, .. } = ReplicationMessage::decode(&d)? else {
                 continue;
@@ -93,7 +101,7 @@ async fn recover_once(tl: &Arc<Timeline>, peers: &[Peer], password: Option<&str>
             if wal_start != pos {
                 bail!("peer sent WAL at {wal_start}, expected {pos}");
             }
-            let take = data.len().min((ps.commit_lsn - pos) as usize);
+            let take = data.len().min((ps.flush_lsn - pos) as usize);
             let msg = ProposerMessage::Append(AppendRequest {
                 term: st.term,
                 begin_lsn: pos,

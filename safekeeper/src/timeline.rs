@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 use safekeeper_api::models::{TimelineCreateRequest, TimelineStatus};
-use safekeeper_api::proto::{AcceptorMessage, ProposerMessage};
+use safekeeper_api::proto::{AcceptorMessage, AppendRequest, ProposerMessage};
 use safekeeper_api::Term;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -81,6 +81,14 @@ impl Timeline {
         r
     }
 
+    /// Handles a run of AppendRequests with one fsync (blocking).
+    pub fn process_appends(&self, batch: &[AppendRequest]) -> Result<AcceptorMessage, AcceptorError> {
+        let mut a = self.lock();
+        let r = a.process_appends(batch);
+        self.publish(&a);
+        r
+    }
+
     fn publish(&self, a: &Acceptor<PhysicalStorage>) {
         let p = Positions { term: a.state().term, flush_lsn: a.flush_lsn(), commit_lsn: a.commit_lsn() };
         self.positions.send_if_modified(|old| {
@@ -133,6 +141,13 @@ impl Timeline {
         let r = f(&mut a);
         self.publish(&a);
         r
+    }
+
+    /// Persists the commit LSN if it moved (called periodically).
+    pub fn persist_if_dirty(&self) {
+        if let Err(e) = self.lock().persist_if_dirty() {
+            warn!("timeline {}/{}: cannot persist its state: {e}", self.tenant_id, self.timeline_id);
+        }
     }
 
     /// Persists in-memory fields (commit LSN) before shutdown.

@@ -1217,7 +1217,8 @@ mod tests {
         let two_thirds = start + (wal.end_lsn().0 - start.0) * 2 / 3;
         let commit = wal.records[wal.records.len() / 3].1;
         stream(&mut a, &append, 3, start, two_thirds, commit);
-        a.process(&append(3, two_thirds, two_thirds, commit)).unwrap(); // heartbeat: persists commit
+        a.process(&append(3, two_thirds, two_thirds, commit)).unwrap();
+        a.persist_if_dirty().unwrap(); // what the daemon does periodically
         let before = a.state().clone();
         let flush_before = a.flush_lsn();
         assert_eq!(before.server.system_id, wal.system_id);
@@ -1242,6 +1243,7 @@ mod tests {
         stream(&mut a, &append, 4, diverge, wal.end_lsn(), wal.end_lsn());
         a.process(&append(4, wal.end_lsn(), wal.end_lsn(), wal.end_lsn())).unwrap();
         assert_eq!(a.commit_lsn(), wal.end_lsn());
+        a.persist_if_dirty().unwrap();
         let before = a.state().clone();
         drop(a);
         let loaded = control_file::load(dir.path()).unwrap();

@@ -123,8 +123,9 @@ pub async fn run(cfg: DriverConfig, shutdown: CancellationToken) -> anyhow::Resu
         tokio::spawn(safekeeper_task(i, sk.clone(), cfg.clone(), ev_tx.clone(), stop.clone()));
     }
     let (commit_tx, commit_rx) = watch::channel(Lsn::INVALID);
+    // Backpressure: the Postgres reader pauses while the proposer's buffer is full.
+    let (pause_tx, pause_rx) = watch::channel(false);
     let mut pg_started = false;
-    let mut last_fetch: Option<(Lsn, Lsn, usize)> = None;
 
     loop {
         let ev = tokio::select! {
@@ -150,15 +151,16 @@ pub async fn run(cfg: DriverConfig, shutdown: CancellationToken) -> anyhow::Resu
             DriverEvent::Wal { start, data } => Some(Event::Wal { start, data }),
             DriverEvent::PostgresFailed(e) => bail!("reading WAL from Postgres failed: {e}"),
             DriverEvent::FetchFailed(e) => {
-                warn!("fetching WAL from the donor failed, retrying: {e}");
-                if let Some((from, to, donor)) = last_fetch {
-                    spawn_fetch(&cfg, donor, proposer.term(), from, to, ev_tx.clone(), stop.clone(), true);
-                }
-                None
+                warn!("fetching WAL from a safekeeper failed, will retry: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                Some(Event::FetchFailed)
             }
         };
         let Some(pev) = pev else { continue };
-        for action in proposer.handle(pev) {
+        let actions = proposer.handle(pev);
+        let pause = !proposer.wants_more_wal();
+        pause_tx.send_if_modified(|p| std::mem::replace(p, pause) != pause);
+        for action in actions {
             match action {
                 Action::Send(i, msg) => {
                     if let Some((_, tx)) = &senders[i] {
@@ -180,14 +182,14 @@ pub async fn run(cfg: DriverConfig, shutdown: CancellationToken) -> anyhow::Resu
                             epoch_start_lsn,
                             ev_tx.clone(),
                             commit_rx.clone(),
+                            pause_rx.clone(),
                             stop.clone(),
                         ));
                     }
                 }
-                Action::FetchWal { from, to, donor } => {
-                    info!("fetching WAL {from}..{to} from donor {}", cfg.safekeepers[donor]);
-                    last_fetch = Some((from, to, donor));
-                    spawn_fetch(&cfg, donor, proposer.term(), from, to, ev_tx.clone(), stop.clone(), false);
+                Action::FetchWal { from, to, source } => {
+                    info!("fetching WAL {from}..{to} from safekeeper {}", cfg.safekeepers[source]);
+                    spawn_fetch(&cfg, source, proposer.term(), from, to, ev_tx.clone(), stop.clone());
                 }
                 Action::Committed(lsn) => {
                     let _ = commit_tx.send(lsn);
@@ -303,11 +305,12 @@ async fn postgres_wal_task(
     start: Lsn,
     events: mpsc::Sender<DriverEvent>,
     commit: watch::Receiver<Lsn>,
+    pause: watch::Receiver<bool>,
     stop: CancellationToken,
 ) {
     let r = tokio::select! {
         _ = stop.cancelled() => return,
-        r = postgres_wal_stream(&pg, start, &events, commit) => r,
+        r = postgres_wal_stream(&pg, start, &events, commit, pause) => r,
     };
     if let Err(e) = r {
         let _ = events.send(DriverEvent::PostgresFailed(format!("{e:#}"))).await;
@@ -319,6 +322,7 @@ async fn postgres_wal_stream(
     start: Lsn,
     events: &mpsc::Sender<DriverEvent>,
     mut commit: watch::Receiver<Lsn>,
+    mut pause: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut c = Client::connect(&pg_connect_config(pg)).await?;
     // The slot keeps WAL in Postgres that the safekeepers have not committed yet. Look before
@@ -339,8 +343,9 @@ async fn postgres_wal_stream(
     info!("streaming WAL from Postgres at {} from {start}", pg.addr);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
+        let paused = *pause.borrow_and_update();
         let reply = tokio::select! {
-            msg = reader.next() => {
+            msg = reader.next(), if !paused => {
                 let Some(data) = msg? else { bail!("Postgres ended the replication stream") };
                 match ReplicationMessage::decode(&data)? {
                     ReplicationMessage::XLogData { wal_start, data, .. } => {
@@ -351,6 +356,7 @@ async fn postgres_wal_stream(
                 }
             }
             r = commit.changed() => { r?; true }
+            r = pause.changed() => { r?; false }
             _ = tick.tick() => true,
         };
         if reply {
@@ -367,26 +373,18 @@ async fn postgres_wal_stream(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn spawn_fetch(
     cfg: &DriverConfig,
-    donor: usize,
+    source: usize,
     term: Term,
     from: Lsn,
     to: Lsn,
     events: mpsc::Sender<DriverEvent>,
     stop: CancellationToken,
-    after_delay: bool,
 ) {
-    let sk = cfg.safekeepers[donor].clone();
+    let sk = cfg.safekeepers[source].clone();
     let conn = sk_connect_config(cfg, &sk);
     tokio::spawn(async move {
-        if after_delay {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-        }
         let r = tokio::select! {
             _ = stop.cancelled() => return,
             r = fetch_wal(conn, term, from, to, &events) => r,

@@ -68,6 +68,8 @@ pub enum Event {
         start: Lsn,
         data: Bytes,
     },
+    /// The last `FetchWal` could not be served; a source will be chosen again.
+    FetchFailed,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,13 +84,14 @@ pub enum Action {
         donor: usize,
         history: TermHistory,
     },
-    /// WAL `[from, to)` is needed and not buffered: deliver it with `Event::Wal`. Below the
-    /// epoch start it comes from a safekeeper whose history agrees (the donor has it); at and
-    /// above, from the local Postgres.
+    /// WAL `[from, to)` is needed and not buffered: read it from acceptor `source` (with our
+    /// term, which it still holds) and deliver it with `Event::Wal`. Only committed WAL leaves
+    /// the buffer, so a quorum has it; `source` follows this term and its flush LSN reaches
+    /// `to`, or is the donor for WAL below the epoch start.
     FetchWal {
         from: Lsn,
         to: Lsn,
-        donor: usize,
+        source: usize,
     },
     /// WAL below this LSN is durable on a quorum: tell Postgres (write = flush = this).
     Committed(Lsn),
@@ -216,6 +219,10 @@ impl Proposer {
             Event::Message(i, msg) => self.on_message(i, msg, &mut out),
             Event::Wal { start, data } => {
                 self.add_wal(start, &data);
+                self.pump_all(&mut out);
+            }
+            Event::FetchFailed => {
+                self.fetch_pending = None;
                 self.pump_all(&mut out);
             }
         }
@@ -407,22 +414,51 @@ impl Proposer {
         }
     }
 
+    /// Drops buffered WAL no acceptor still needs. Never drops uncommitted WAL: that may exist
+    /// nowhere else but in Postgres. Committed WAL is on a quorum and can be fetched back.
     fn trim_buffer(&mut self) {
-        let min_flush = self.slots.iter().filter_map(|s| match s {
-            Slot::Streaming(st) if st.acked => Some(st.flush_lsn),
-            _ => None,
-        });
-        let all_streaming = self.slots.iter().all(|s| matches!(s, Slot::Streaming(st) if st.acked));
-        let mut target = if all_streaming { min_flush.min().unwrap_or(self.buf_start) } else { self.buf_start };
         let end = self.wal_end_lsn();
-        if self.buf.len() as u64 > self.cfg.max_buffered_bytes {
-            target = target.max(end - self.cfg.max_buffered_bytes);
+        let mut target = self.commit_lsn;
+        for s in &self.slots {
+            match s {
+                Slot::Streaming(st) if st.acked => target = target.min(st.flush_lsn),
+                // An acceptor we cannot see may need anything: keep it while within limits.
+                _ => target = target.min(self.buf_start),
+            }
+        }
+        if end - self.buf_start.min(end) > self.cfg.max_buffered_bytes {
+            // Over the limit: drop committed WAL beyond what fits; lagging acceptors fetch it.
+            target = target.max(Lsn(end.0.saturating_sub(self.cfg.max_buffered_bytes))).min(self.commit_lsn);
         }
         if target > self.buf_start {
-            let cut = ((target.min(end)) - self.buf_start) as usize;
+            let cut = (target.min(end) - self.buf_start) as usize;
             self.buf.drain(..cut);
             self.buf_start += cut as u64;
         }
+    }
+
+    /// Bytes of WAL held in memory.
+    pub fn buffered_bytes(&self) -> u64 {
+        self.buf.len() as u64
+    }
+
+    /// False when the buffer is full: the driver should stop reading from Postgres until
+    /// acceptors catch up (backpressure instead of unbounded memory or dropping WAL that exists
+    /// nowhere else).
+    pub fn wants_more_wal(&self) -> bool {
+        self.buffered_bytes() < self.cfg.max_buffered_bytes
+    }
+
+    /// An acceptor to read WAL up to the buffer start from: one following this term whose flush
+    /// reaches it (its WAL is ours), else the donor while nothing above the epoch start has left
+    /// the buffer (the donor holds everything below the epoch start).
+    fn fetch_source(&self, requester: usize, epoch_start_lsn: Lsn, donor: usize) -> Option<usize> {
+        let to = self.buf_start;
+        let up_to_date = self.slots.iter().enumerate().find_map(|(j, s)| match s {
+            Slot::Streaming(st) if st.acked && j != requester && st.flush_lsn >= to => Some(j),
+            _ => None,
+        });
+        up_to_date.or((to <= epoch_start_lsn && donor != requester).then_some(donor))
     }
 
     fn pump_all(&mut self, out: &mut Vec<Action>) {
@@ -438,11 +474,13 @@ impl Proposer {
         loop {
             let Slot::Streaming(s) = &mut self.slots[i] else { return };
             if s.next_lsn < self.buf_start {
-                let to =
-                    self.buf_start.min(if s.next_lsn < epoch_start_lsn { epoch_start_lsn } else { self.buf_start });
+                // Fetched WAL is prepended to the buffer, so it must reach the buffer start.
+                let (from, to) = (s.next_lsn, self.buf_start);
                 if self.fetch_pending.is_none() {
-                    self.fetch_pending = Some((s.next_lsn, to));
-                    out.push(Action::FetchWal { from: s.next_lsn, to, donor });
+                    if let Some(source) = self.fetch_source(i, epoch_start_lsn, donor) {
+                        self.fetch_pending = Some((from, to));
+                        out.push(Action::FetchWal { from, to, source });
+                    }
                 }
                 return;
             }
