@@ -10,13 +10,23 @@
 //! - [`inmemory_layer`]: the open layer.
 //! - [`layer_map`]: which layer to read next for a key at an LSN.
 //! - [`reconstruct`]: the walk down a timeline's layers.
+//! - [`redo_applier`]: the trait the read path applies WAL records through; Rust-applied records.
+//! - [`tenant`]: timelines on disk: metadata, write path and flushes, read path, branching.
+//! - [`pgdatadir_mapping`]: the Postgres view of a timeline (relations, databases, SLRUs, ...).
+//! - [`walingest`]: decoded WAL records → timeline changes.
+//! - [`import_datadir`]: bootstrap a timeline from `initdb` output.
 
+pub mod import_datadir;
 pub mod inmemory_layer;
 pub mod key;
 pub mod layer;
 pub mod layer_map;
+pub mod pgdatadir_mapping;
 pub mod reconstruct;
+pub mod redo_applier;
+pub mod tenant;
 pub mod value;
+pub mod walingest;
 pub mod walredo;
 
 #[cfg(test)]
