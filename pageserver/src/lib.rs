@@ -16,17 +16,23 @@
 //! - [`walingest`]: decoded WAL records → timeline changes.
 //! - [`import_datadir`]: bootstrap a timeline from `initdb` output.
 
+pub mod basebackup;
+pub mod config;
+pub mod http;
 pub mod import_datadir;
 pub mod inmemory_layer;
 pub mod key;
 pub mod layer;
 pub mod layer_map;
+pub mod page_service;
 pub mod pgdatadir_mapping;
 pub mod reconstruct;
 pub mod redo_applier;
 pub mod tenant;
+pub mod tenant_mgr;
 pub mod value;
 pub mod walingest;
+pub mod walreceiver;
 pub mod walredo;
 
 #[cfg(test)]

@@ -1,13 +1,86 @@
-//! `pageserver`: see DESIGN.md §2. The daemon arrives with its own issue; this entry point exists so the
-//! workspace layout is fixed and CI builds every crate from the start.
+//! `pageserver`: ingests WAL from the safekeepers into layered timelines and serves pages,
+//! basebackups and a management API (DESIGN §1, D4–D6).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
 use clap::Parser;
+use pageserver::config::PageServerConf;
+use pageserver::page_service::PageServiceHandler;
+use pageserver::redo_applier::PostgresRedoApplier;
+use pageserver::tenant::timeline::TimelineResources;
+use pageserver::tenant_mgr::TenantManager;
+use pageserver::walredo::{WalRedoConfig, WalRedoManager};
+use pq_proto::{BackendConfig, PostgresBackend, TrustAuth};
+use tracing::{info, warn};
 
 #[derive(Parser)]
-#[command(version, about = "pageserver (not yet functional: only --help and --version work)")]
-struct Args {}
+#[command(version, about = "Pageserver: WAL ingest, layered timelines, GetPage@LSN")]
+struct Args {
+    /// Working directory: pageserver.toml and tenants/ live here.
+    #[arg(long, short = 'D')]
+    workdir: PathBuf,
+    #[arg(long, default_value = "human")]
+    log_format: utils::logging::LogFormat,
+}
 
 fn main() -> anyhow::Result<()> {
-    let _args = Args::parse();
-    utils::logging::init(utils::logging::LogFormat::Human)?;
-    anyhow::bail!("pageserver is not implemented yet; only --help and --version work")
+    let args = Args::parse();
+    utils::logging::init(args.log_format)?;
+    let conf = PageServerConf::load(&args.workdir)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(run(conf))
+}
+
+async fn run(conf: PageServerConf) -> anyhow::Result<()> {
+    let shutdown = utils::shutdown::on_signals()?;
+    let mut redo_conf = WalRedoConfig::new(conf.pg_install_dir.clone());
+    redo_conf.process_count = conf.walredo_process_count;
+    let redo = Arc::new(WalRedoManager::new(redo_conf).context("starting the WAL redo pool")?);
+    let applier = Arc::new(PostgresRedoApplier::new(redo, tokio::runtime::Handle::current()));
+    let resources = TimelineResources::new(conf.default_tenant_conf.clone(), applier);
+    let pg_listener = tokio::net::TcpListener::bind(conf.listen_pg_addr)
+        .await
+        .with_context(|| format!("cannot listen on {} (libpq): is another pageserver running?", conf.listen_pg_addr))?;
+    let http_listener = tokio::net::TcpListener::bind(conf.listen_http_addr).await.with_context(|| {
+        format!("cannot listen on {} (HTTP): is another pageserver running?", conf.listen_http_addr)
+    })?;
+    let mgr = {
+        let (conf, resources, sd) = (conf.clone(), resources.clone(), shutdown.clone());
+        TenantManager::load(conf, resources, sd)?
+    };
+    info!(
+        "pageserver {} in {}: libpq on {}, HTTP on {}",
+        conf.id,
+        conf.workdir.display(),
+        conf.listen_pg_addr,
+        conf.listen_http_addr
+    );
+    let http = axum::serve(http_listener, pageserver::http::router(mgr.clone()))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let http_task = tokio::spawn(async move { http.await });
+    loop {
+        let (sock, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = pg_listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => { warn!("accept failed: {e}"); continue; }
+            },
+        };
+        let _ = sock.set_nodelay(true);
+        let mut handler = PageServiceHandler { mgr: mgr.clone() };
+        tokio::spawn(async move {
+            match PostgresBackend::new(sock, BackendConfig::default()).run(&TrustAuth, &mut handler).await {
+                Ok(end) => tracing::debug!("connection from {peer} ended: {end:?}"),
+                Err(e) if e.is_client_disconnect() => tracing::debug!("connection from {peer} closed: {e}"),
+                Err(e) => warn!("connection from {peer} failed: {e}"),
+            }
+        });
+    }
+    info!("shutting down: flushing open layers");
+    let m = mgr.clone();
+    tokio::task::spawn_blocking(move || m.checkpoint_all()).await?;
+    let _ = http_task.await;
+    Ok(())
 }

@@ -9,10 +9,14 @@
 //! - [`RustRedoApplier`] (here): applies the records whose effect is simple and exact — clog
 //!   commit/abort bits, multixact offsets and members, visibility-map bit clears — and returns
 //!   [`RedoError::NeedsPostgres`] for a raw Postgres record.
-//! - The redo manager in [`crate::walredo`] (a pool of `postgres --wal-redo` processes) is to
-//!   implement this trait too. NOTE for that work: route `WalRecord::Postgres` to the process
-//!   pool and the other variants to [`apply_rust_record`], so both paths share one definition of
-//!   the Rust-applied records.
+//! - [`PostgresRedoApplier`] (here): the redo manager of [`crate::walredo`] (a pool of
+//!   `postgres --wal-redo` processes) behind this synchronous trait. Chains of Rust-applicable
+//!   records never reach Postgres; in a mixed chain, runs of `WalRecord::Postgres` go to the
+//!   process pool and the other records to [`apply_rust_record`], so both paths share one
+//!   definition of the Rust-applied records.
+
+use std::future::Future;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use postgres_ffi::page::vm_clear_bits;
@@ -26,6 +30,7 @@ use utils::Lsn;
 
 use crate::key::Key;
 use crate::value::WalRecord;
+use crate::walredo::{BufferTag, WalRedoManager};
 
 /// Builds a key's value at an LSN from a base image and the records above it.
 pub trait RedoApplier: Send + Sync {
@@ -89,6 +94,100 @@ impl RedoApplier for RustRedoApplier {
             apply_rust_record(key, *rec_lsn, &mut page, rec)?;
         }
         Ok(page.freeze())
+    }
+}
+
+/// [`RedoApplier`] on top of the Postgres redo process pool ([`WalRedoManager`], async) for the
+/// synchronous read path. A chain without `WalRecord::Postgres` records is applied in Rust
+/// ([`RustRedoApplier`]); otherwise the chain is split into runs: each run of Postgres records is
+/// one redo request on the page so far, each other record is applied in Rust in between.
+///
+/// Blocking: called outside any tokio runtime, it drives the request with `runtime.block_on`;
+/// called from a worker of a multi-thread runtime, inside `block_in_place`. A current-thread
+/// runtime cannot be blocked that way (its only thread drives the pipes): such a call fails
+/// with an error saying so; call the read path from `spawn_blocking` there.
+pub struct PostgresRedoApplier {
+    manager: Arc<WalRedoManager>,
+    /// The runtime whose I/O and timer drivers serve the redo processes' pipes and timeouts;
+    /// it must be a multi-thread runtime (its workers drive I/O while we block).
+    runtime: tokio::runtime::Handle,
+}
+
+impl PostgresRedoApplier {
+    pub fn new(manager: Arc<WalRedoManager>, runtime: tokio::runtime::Handle) -> PostgresRedoApplier {
+        PostgresRedoApplier { manager, runtime }
+    }
+
+    pub fn manager(&self) -> &Arc<WalRedoManager> {
+        &self.manager
+    }
+
+    fn block_on<F: Future>(&self, fut: F) -> Result<F::Output, RedoError> {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        match Handle::try_current() {
+            Err(_) => Ok(self.runtime.block_on(fut)),
+            Ok(current) if current.runtime_flavor() == RuntimeFlavor::MultiThread => {
+                Ok(tokio::task::block_in_place(|| self.runtime.block_on(fut)))
+            }
+            Ok(_) => Err(RedoError::Other(
+                "Postgres WAL redo was called from a current-thread tokio runtime, which it would block; \
+                 run the read path in spawn_blocking or on a multi-thread runtime"
+                    .to_string(),
+            )),
+        }
+    }
+}
+
+impl RedoApplier for PostgresRedoApplier {
+    fn apply(
+        &self,
+        key: Key,
+        lsn: Lsn,
+        base_img: Option<(Lsn, Bytes)>,
+        records: Vec<(Lsn, WalRecord)>,
+    ) -> Result<Bytes, RedoError> {
+        let is_postgres = |r: &WalRecord| matches!(r, WalRecord::Postgres { .. });
+        if !records.iter().any(|(_, r)| is_postgres(r)) {
+            return RustRedoApplier.apply(key, lsn, base_img, records);
+        }
+        let first_lsn = records.first().map_or(Lsn::INVALID, |(l, _)| *l);
+        let Some((rel, blkno)) = key.to_rel_block() else {
+            return Err(RedoError::Invalid {
+                key,
+                lsn: first_lsn,
+                detail: "a Postgres WAL record is stored under a key that is not a relation block".to_string(),
+            });
+        };
+        let tag = BufferTag::new(rel, blkno);
+        let mut page = base_img;
+        let mut rest = &records[..];
+        while let Some((rec_lsn, rec)) = rest.first() {
+            if is_postgres(rec) {
+                let run_len = rest.iter().take_while(|(_, r)| is_postgres(r)).count();
+                let run: Vec<(Lsn, Bytes)> = rest[..run_len]
+                    .iter()
+                    .map(|(l, r)| match r {
+                        WalRecord::Postgres { rec, .. } => (*l, rec.clone()),
+                        _ => unreachable!("the run holds Postgres records only"),
+                    })
+                    .collect();
+                let run_end = run[run_len - 1].0;
+                let result = self
+                    .block_on(self.manager.request_redo(tag, page.take(), &run))?
+                    .map_err(|e| RedoError::Other(e.to_string()))?;
+                page = Some((run_end, result));
+                rest = &rest[run_len..];
+            } else {
+                let Some((_, img)) = page.take() else {
+                    return Err(RedoError::NoBaseImage { lsn: *rec_lsn });
+                };
+                let mut buf = BytesMut::from(&img[..]);
+                apply_rust_record(key, *rec_lsn, &mut buf, rec)?;
+                page = Some((*rec_lsn, buf.freeze()));
+                rest = &rest[1..];
+            }
+        }
+        Ok(page.map(|(_, p)| p).expect("records is not empty, so a page was produced"))
     }
 }
 

@@ -1,0 +1,138 @@
+//! Pageserver configuration: `<workdir>/pageserver.toml`, overridable on the command line.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use utils::NodeId;
+
+use crate::tenant::timeline::TenantConf;
+
+/// What the daemon reads at start.
+#[derive(Clone, Debug)]
+pub struct PageServerConf {
+    pub id: NodeId,
+    pub workdir: PathBuf,
+    pub listen_pg_addr: SocketAddr,
+    pub listen_http_addr: SocketAddr,
+    /// Our patched Postgres: initdb for bootstrap, `postgres --wal-redo` for redo.
+    pub pg_install_dir: PathBuf,
+    /// Safekeepers' libpq addresses: where timelines stream their WAL from.
+    pub safekeepers: Vec<String>,
+    pub walredo_process_count: usize,
+    /// Superuser initdb creates for new timelines.
+    pub superuser: String,
+    pub default_tenant_conf: TenantConf,
+    /// How long a read waits for ingest to reach the requested LSN.
+    pub wait_lsn_timeout: Duration,
+}
+
+/// The file format (every field optional; defaults as in neon_local).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfFile {
+    pub id: Option<u64>,
+    pub listen_pg_addr: Option<String>,
+    pub listen_http_addr: Option<String>,
+    pub pg_distrib_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub safekeepers: Vec<String>,
+    pub walredo_process_count: Option<usize>,
+    pub superuser: Option<String>,
+    pub checkpoint_distance: Option<u64>,
+    pub checkpoint_timeout: Option<String>,
+    pub wait_lsn_timeout: Option<String>,
+}
+
+/// Parses durations like `10s`, `500ms`, `10m`, `1h`, `7d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a duration like 10s, 500ms, 10m, 1h or 7d"))?;
+    let d = match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "s" | "" => Duration::from_secs(n),
+        "m" | "min" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        "d" => Duration::from_secs(n * 86400),
+        u => return Err(format!("'{s}': unknown unit '{u}' (use ms, s, m, h or d)")),
+    };
+    Ok(d)
+}
+
+impl PageServerConf {
+    /// Reads `<workdir>/pageserver.toml` if present; `pg_install_dir` falls back to
+    /// `$PG_INSTALL_DIR` or `pg_install` next to the working directory.
+    pub fn load(workdir: &Path) -> anyhow::Result<PageServerConf> {
+        let path = workdir.join("pageserver.toml");
+        let file: ConfFile = match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ConfFile::default(),
+            Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
+        };
+        let addr = |v: Option<String>, default: &str, what: &str| -> anyhow::Result<SocketAddr> {
+            let s = v.unwrap_or_else(|| default.to_string());
+            s.parse().map_err(|e| anyhow::anyhow!("{}: {what} '{s}': {e}", path.display()))
+        };
+        let pg_install_dir = file
+            .pg_distrib_dir
+            .or_else(|| std::env::var_os("PG_INSTALL_DIR").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("pg_install"));
+        let mut tenant_conf = TenantConf::default();
+        if let Some(d) = file.checkpoint_distance {
+            tenant_conf.checkpoint_distance_bytes = d;
+        }
+        if let Some(t) = &file.checkpoint_timeout {
+            tenant_conf.checkpoint_timeout =
+                parse_duration(t).map_err(|e| anyhow::anyhow!("checkpoint_timeout: {e}"))?;
+        }
+        Ok(PageServerConf {
+            id: NodeId(file.id.unwrap_or(1)),
+            workdir: workdir.to_path_buf(),
+            listen_pg_addr: addr(file.listen_pg_addr, "127.0.0.1:64000", "listen_pg_addr")?,
+            listen_http_addr: addr(file.listen_http_addr, "127.0.0.1:9898", "listen_http_addr")?,
+            pg_install_dir,
+            safekeepers: file.safekeepers,
+            walredo_process_count: file.walredo_process_count.unwrap_or(2),
+            superuser: file.superuser.unwrap_or_else(|| "cloud_admin".to_string()),
+            default_tenant_conf: tenant_conf,
+            wait_lsn_timeout: match &file.wait_lsn_timeout {
+                Some(t) => parse_duration(t).map_err(|e| anyhow::anyhow!("wait_lsn_timeout: {e}"))?,
+                None => Duration::from_secs(60),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86400));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("10y").is_err());
+    }
+
+    #[test]
+    fn config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("pageserver.toml"),
+            "id = 7\nlisten_pg_addr = '127.0.0.1:1234'\nsafekeepers = ['127.0.0.1:5454']\ncheckpoint_distance = 1048576\n",
+        )
+        .unwrap();
+        let c = PageServerConf::load(dir.path()).unwrap();
+        assert_eq!(c.id, NodeId(7));
+        assert_eq!(c.listen_pg_addr.port(), 1234);
+        assert_eq!(c.default_tenant_conf.checkpoint_distance_bytes, 1 << 20);
+        std::fs::write(dir.path().join("pageserver.toml"), "bogus = 1\n").unwrap();
+        let e = PageServerConf::load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
+    }
+}

@@ -1,0 +1,211 @@
+//! All tenants of this pageserver and their timelines: loading them at start (ancestors before
+//! children), creating tenants, bootstrapping timelines with initdb, branching, and starting a
+//! WAL receiver for every timeline.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use utils::{Lsn, TenantId, TimelineId};
+
+use crate::config::PageServerConf;
+use crate::import_datadir::bootstrap_timeline;
+use crate::tenant::metadata::load_metadata;
+use crate::tenant::timeline::{Timeline, TimelineResources, TENANTS_DIR_NAME, TIMELINES_DIR_NAME};
+use crate::walreceiver;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TenantMgrError {
+    #[error("tenant {0} not found; create it with POST /v1/tenant")]
+    TenantNotFound(TenantId),
+    #[error("timeline {1} not found on tenant {0}; see GET /v1/tenant/{0}/timeline")]
+    TimelineNotFound(TenantId, TimelineId),
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub struct Tenant {
+    pub id: TenantId,
+    timelines: RwLock<BTreeMap<TimelineId, Arc<Timeline>>>,
+}
+
+impl Tenant {
+    pub fn timelines(&self) -> Vec<Arc<Timeline>> {
+        self.timelines.read().expect("lock").values().cloned().collect()
+    }
+}
+
+pub struct TenantManager {
+    pub conf: PageServerConf,
+    resources: TimelineResources,
+    tenants: RwLock<HashMap<TenantId, Arc<Tenant>>>,
+    shutdown: CancellationToken,
+}
+
+impl TenantManager {
+    fn tenants_dir(&self) -> PathBuf {
+        self.conf.workdir.join(TENANTS_DIR_NAME)
+    }
+
+    /// Loads everything under `<workdir>/tenants` and starts WAL receivers.
+    pub fn load(
+        conf: PageServerConf,
+        resources: TimelineResources,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Arc<Self>> {
+        let mgr = Arc::new(TenantManager { conf, resources, tenants: RwLock::new(HashMap::new()), shutdown });
+        let dir = mgr.tenants_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let Ok(tenant_id) = entry.file_name().to_string_lossy().parse::<TenantId>() else { continue };
+            let tenant = Arc::new(Tenant { id: tenant_id, timelines: RwLock::new(BTreeMap::new()) });
+            let tl_dir = entry.path().join(TIMELINES_DIR_NAME);
+            let mut pending: BTreeMap<TimelineId, (PathBuf, Option<TimelineId>)> = BTreeMap::new();
+            if tl_dir.exists() {
+                for tl in std::fs::read_dir(&tl_dir)? {
+                    let tl = tl?;
+                    let Ok(timeline_id) = tl.file_name().to_string_lossy().parse::<TimelineId>() else { continue };
+                    match load_metadata(&tl.path()) {
+                        Ok(md) => {
+                            pending.insert(timeline_id, (tl.path(), md.ancestor_timeline));
+                        }
+                        Err(e) => tracing::error!("skipping timeline {tenant_id}/{timeline_id}: {e}"),
+                    }
+                }
+            }
+            // Ancestors first: repeat until nothing more can be loaded.
+            loop {
+                let ready: Vec<TimelineId> = pending
+                    .iter()
+                    .filter(|(_, (_, anc))| anc.is_none_or(|a| tenant.timelines.read().expect("lock").contains_key(&a)))
+                    .map(|(id, _)| *id)
+                    .collect();
+                if ready.is_empty() {
+                    break;
+                }
+                for id in ready {
+                    let (path, anc) = pending.remove(&id).expect("listed");
+                    let ancestor = anc.map(|a| tenant.timelines.read().expect("lock")[&a].clone());
+                    match Timeline::load(&path, ancestor, mgr.resources.clone()) {
+                        Ok(tl) => {
+                            tenant.timelines.write().expect("lock").insert(id, tl);
+                        }
+                        Err(e) => tracing::error!("cannot load timeline {tenant_id}/{id}: {e}"),
+                    }
+                }
+            }
+            for (id, (_, anc)) in pending {
+                tracing::error!("timeline {tenant_id}/{id} not loaded: its ancestor {anc:?} is missing");
+            }
+            info!("loaded tenant {tenant_id} with {} timelines", tenant.timelines.read().expect("lock").len());
+            mgr.tenants.write().expect("lock").insert(tenant_id, tenant);
+        }
+        for tenant in mgr.list_tenants() {
+            for tl in tenant.timelines() {
+                mgr.start_walreceiver(&tl);
+            }
+        }
+        Ok(mgr)
+    }
+
+    fn start_walreceiver(&self, tl: &Arc<Timeline>) {
+        if self.conf.safekeepers.is_empty() {
+            warn!("no safekeepers configured: timeline {}/{} will not receive WAL", tl.tenant_id(), tl.timeline_id());
+            return;
+        }
+        tokio::spawn(walreceiver::run(tl.clone(), self.conf.safekeepers.clone(), self.shutdown.child_token()));
+    }
+
+    pub fn list_tenants(&self) -> Vec<Arc<Tenant>> {
+        self.tenants.read().expect("lock").values().cloned().collect()
+    }
+
+    pub fn get_tenant(&self, id: TenantId) -> Result<Arc<Tenant>, TenantMgrError> {
+        self.tenants.read().expect("lock").get(&id).cloned().ok_or(TenantMgrError::TenantNotFound(id))
+    }
+
+    pub fn get_timeline(&self, tenant_id: TenantId, timeline_id: TimelineId) -> Result<Arc<Timeline>, TenantMgrError> {
+        self.get_tenant(tenant_id)?
+            .timelines
+            .read()
+            .expect("lock")
+            .get(&timeline_id)
+            .cloned()
+            .ok_or(TenantMgrError::TimelineNotFound(tenant_id, timeline_id))
+    }
+
+    pub fn create_tenant(&self, id: TenantId) -> Result<Arc<Tenant>, TenantMgrError> {
+        let mut map = self.tenants.write().expect("lock");
+        if map.contains_key(&id) {
+            return Err(TenantMgrError::AlreadyExists(format!("tenant {id}")));
+        }
+        let dir = self.tenants_dir().join(id.to_string()).join(TIMELINES_DIR_NAME);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| TenantMgrError::Internal(format!("creating {}: {e}", dir.display())))?;
+        let t = Arc::new(Tenant { id, timelines: RwLock::new(BTreeMap::new()) });
+        map.insert(id, t.clone());
+        info!("created tenant {id}");
+        Ok(t)
+    }
+
+    /// Creates a timeline: a branch of `ancestor` at `ancestor_lsn` (default: its last record
+    /// LSN), or a fresh one bootstrapped with initdb.
+    pub async fn create_timeline(
+        self: &Arc<Self>,
+        tenant_id: TenantId,
+        new_timeline_id: TimelineId,
+        ancestor: Option<(TimelineId, Option<Lsn>)>,
+    ) -> Result<Arc<Timeline>, TenantMgrError> {
+        let tenant = self.get_tenant(tenant_id)?;
+        if tenant.timelines.read().expect("lock").contains_key(&new_timeline_id) {
+            return Err(TenantMgrError::AlreadyExists(format!("timeline {new_timeline_id} on tenant {tenant_id}")));
+        }
+        let tl = match ancestor {
+            Some((ancestor_id, lsn)) => {
+                let parent = self.get_timeline(tenant_id, ancestor_id)?;
+                let lsn = lsn.unwrap_or_else(|| parent.get_last_record_lsn());
+                parent
+                    .branch(new_timeline_id, lsn, Duration::from_secs(30))
+                    .await
+                    .map_err(|e| TenantMgrError::BadRequest(format!("cannot branch from {ancestor_id}: {e}")))?
+            }
+            None => {
+                let (workdir, pg, su, res) = (
+                    self.conf.workdir.clone(),
+                    self.conf.pg_install_dir.clone(),
+                    self.conf.superuser.clone(),
+                    self.resources.clone(),
+                );
+                tokio::task::spawn_blocking(move || {
+                    bootstrap_timeline(&workdir, tenant_id, new_timeline_id, &pg, &su, res)
+                })
+                .await
+                .map_err(|e| TenantMgrError::Internal(e.to_string()))?
+                .map_err(|e| TenantMgrError::Internal(format!("bootstrapping timeline {new_timeline_id}: {e}")))?
+            }
+        };
+        tenant.timelines.write().expect("lock").insert(new_timeline_id, tl.clone());
+        info!("created timeline {tenant_id}/{new_timeline_id} at {}", tl.get_last_record_lsn());
+        self.start_walreceiver(&tl);
+        Ok(tl)
+    }
+
+    /// Flushes every open layer (shutdown, or an explicit checkpoint).
+    pub fn checkpoint_all(&self) {
+        for t in self.list_tenants() {
+            for tl in t.timelines() {
+                if let Err(e) = tl.checkpoint() {
+                    warn!("checkpoint of {}/{} failed: {e}", tl.tenant_id(), tl.timeline_id());
+                }
+            }
+        }
+    }
+}

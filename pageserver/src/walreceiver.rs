@@ -1,0 +1,143 @@
+//! WAL receiver: streams a timeline's WAL from the safekeeper with the highest commit LSN,
+//! ingests every record, and reports progress back (write = last ingested record,
+//! flush = disk-consistent, apply = remote-consistent LSN).
+//!
+//! Contiguity is checked twice: the stream must continue exactly where ingest stopped, and
+//! ingest checks each record's start and `xl_prev` against the previous record.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use postgres_client::{Client, ConnectConfig};
+use postgres_ffi::{decode_record, WalStreamDecoder};
+use safekeeper_api::replication::{pg_now_us, FeedbackMessage, ReplicationMessage};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use utils::Lsn;
+
+use crate::pgdatadir_mapping::DatadirModification;
+use crate::tenant::timeline::Timeline;
+use crate::walingest::WalIngest;
+
+fn conn_config(addr: &str, tl: &Timeline) -> anyhow::Result<ConnectConfig> {
+    let (host, port) =
+        addr.rsplit_once(':').with_context(|| format!("safekeeper address '{addr}' is not host:port"))?;
+    let mut c = ConnectConfig::new(host, port.parse().with_context(|| format!("bad port in '{addr}'"))?, "pageserver");
+    c.options =
+        vec![("tenant_id".into(), tl.tenant_id().to_string()), ("timeline_id".into(), tl.timeline_id().to_string())];
+    c.connect_timeout = Duration::from_secs(5);
+    Ok(c)
+}
+
+/// The reachable safekeeper with the highest commit LSN.
+async fn pick_safekeeper(tl: &Timeline, safekeepers: &[String]) -> Option<(String, Lsn)> {
+    let mut best: Option<(String, Lsn)> = None;
+    for sk in safekeepers {
+        let Ok(cfg) = conn_config(sk, tl) else { continue };
+        let status = async {
+            let mut c = Client::connect(&cfg).await?;
+            let rows = c.simple_query("TIMELINE_STATUS").await?;
+            let commit: Lsn =
+                rows.first().and_then(|r| r.get(2).cloned().flatten()).context("no commit_lsn")?.parse()?;
+            anyhow::Ok(commit)
+        };
+        match status.await {
+            Ok(commit) if best.as_ref().is_none_or(|(_, b)| commit > *b) => best = Some((sk.clone(), commit)),
+            Ok(_) => {}
+            Err(e) => debug!("safekeeper {sk} not usable for {}/{}: {e:#}", tl.tenant_id(), tl.timeline_id()),
+        }
+    }
+    best
+}
+
+/// Runs until `stop`, reconnecting with backoff.
+pub async fn run(tl: Arc<Timeline>, safekeepers: Vec<String>, stop: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let r = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = session(&tl, &safekeepers) => r,
+        };
+        match r {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(e) => {
+                warn!("WAL receiver for {}/{}: {e:#}; retrying in {backoff:?}", tl.tenant_id(), tl.timeline_id());
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+    }
+}
+
+async fn session(tl: &Arc<Timeline>, safekeepers: &[String]) -> anyhow::Result<()> {
+    let Some((sk, commit)) = pick_safekeeper(tl, safekeepers).await else {
+        bail!("no safekeeper has timeline {}/{}", tl.tenant_id(), tl.timeline_id())
+    };
+    let start = tl.get_last_record_lsn();
+    if commit <= start {
+        // Nothing new anywhere; look again later (a compute may start writing).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        return Ok(());
+    }
+    let mut cfg = conn_config(&sk, tl)?;
+    cfg.replication = Some("true".into());
+    let client = Client::connect(&cfg).await?;
+    let (mut reader, mut writer) = client.copy_both(&format!("START_REPLICATION PHYSICAL {start}")).await?;
+    info!(
+        "streaming WAL of {}/{} from safekeeper {sk} at {start} (its commit LSN is {commit})",
+        tl.tenant_id(),
+        tl.timeline_id()
+    );
+    let tl2 = tl.clone();
+    let ingest = tokio::task::spawn_blocking(move || WalIngest::new(tl2)).await??;
+    let ingest = Arc::new(Mutex::new(ingest));
+    let mut decoder = WalStreamDecoder::new(start);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            msg = reader.next() => {
+                let Some(data) = msg? else { bail!("safekeeper {sk} ended the stream") };
+                let ReplicationMessage::XLogData { wal_start, data, .. } = ReplicationMessage::decode(&data)? else { continue };
+                if wal_start != decoder.fed_up_to() {
+                    bail!("safekeeper {sk} sent WAL at {wal_start}, expected {}: refusing a gap", decoder.fed_up_to());
+                }
+                decoder.feed(&data);
+                let mut records = Vec::new();
+                while let Some(r) = decoder.poll_record().with_context(|| format!("decoding WAL from {sk}"))? {
+                    records.push(r);
+                }
+                if records.is_empty() {
+                    continue;
+                }
+                let (tl2, ingest2) = (tl.clone(), ingest.clone());
+                tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                    let mut ingest = ingest2.lock().expect("ingest lock");
+                    let mut m = DatadirModification::new(&tl2);
+                    for r in records {
+                        let rec = decode_record(r.record, r.start_lsn)?;
+                        ingest.ingest_record(&rec, r.end_lsn, &mut m)?;
+                    }
+                    tl2.checkpoint_if_due()?;
+                    Ok(())
+                })
+                .await??;
+            }
+            _ = tick.tick() => {
+                let tl2 = tl.clone();
+                tokio::task::spawn_blocking(move || tl2.checkpoint_if_due()).await??;
+                let fb = FeedbackMessage::StandbyStatus {
+                    write_lsn: tl.get_last_record_lsn(),
+                    flush_lsn: tl.get_disk_consistent_lsn(),
+                    apply_lsn: Lsn::INVALID,
+                    send_time_us: pg_now_us(),
+                    reply_requested: false,
+                };
+                writer.send(&fb.encode()).await?;
+            }
+        }
+    }
+}
