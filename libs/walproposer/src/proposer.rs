@@ -442,11 +442,15 @@ impl Proposer {
         self.buf.len() as u64
     }
 
-    /// False when the buffer is full: the driver should stop reading from Postgres until
-    /// acceptors catch up (backpressure instead of unbounded memory or dropping WAL that exists
-    /// nowhere else).
+    /// False when `max_buffered_bytes` of uncommitted WAL are buffered: the driver should stop
+    /// reading from Postgres until a quorum catches up (backpressure instead of unbounded memory
+    /// or dropping WAL that exists nowhere else). Committed WAL never blocks reading: it is
+    /// dropped beyond the limit (lagging acceptors fetch it from up-to-date ones), so memory
+    /// stays below twice the limit.
     pub fn wants_more_wal(&self) -> bool {
-        self.buffered_bytes() < self.cfg.max_buffered_bytes
+        let end = self.wal_end_lsn();
+        let uncommitted = end - self.commit_lsn.max(self.buf_start).min(end);
+        uncommitted < self.cfg.max_buffered_bytes
     }
 
     /// An acceptor to read WAL up to the buffer start from: one following this term whose flush
@@ -565,6 +569,87 @@ impl Proposer {
         if synced >= self.cfg.quorum() {
             self.phase = Phase::Stopped;
             out.push(Action::SyncDone(epoch_start_lsn));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safekeeper_api::proto::{AcceptorGreeting, AppendResponse, PageserverFeedback};
+
+    fn cfg() -> ProposerConfig {
+        ProposerConfig {
+            proposer_id: [1; 16],
+            tenant_id: TenantId([1; 16]),
+            timeline_id: TimelineId([2; 16]),
+            system_id: 7,
+            pg_version: 150018,
+            wal_seg_size: 16 << 20,
+            n_acceptors: 3,
+            sync_only: false,
+            max_inflight_bytes: 1 << 20,
+            max_buffered_bytes: 1000,
+            max_append_bytes: 100,
+            broken_rules: BrokenRules::default(),
+        }
+    }
+
+    /// Elects the proposer with acceptors 0 and 1 (acceptor 2 stays offline).
+    fn elected() -> Proposer {
+        let mut p = Proposer::new(cfg());
+        for i in 0..2 {
+            p.handle(Event::Connected(i));
+            p.handle(Event::Message(i, AcceptorMessage::Greeting(AcceptorGreeting { node_id: i as u64, term: 0 })));
+        }
+        for i in 0..2 {
+            p.handle(Event::Message(
+                i,
+                AcceptorMessage::Vote(VoteResponse {
+                    term: 1,
+                    vote_given: true,
+                    flush_lsn: Lsn(0x1000),
+                    truncate_lsn: Lsn(0),
+                    term_history: TermHistory::empty(),
+                    timeline_start_lsn: Lsn(0x1000),
+                }),
+            ));
+        }
+        assert!(p.is_leader());
+        p
+    }
+
+    fn ack(p: &mut Proposer, i: usize, flush: Lsn) {
+        p.handle(Event::Message(
+            i,
+            AcceptorMessage::Append(AppendResponse {
+                term: 1,
+                flush_lsn: flush,
+                commit_lsn: flush,
+                pageserver_feedback: PageserverFeedback::default(),
+            }),
+        ));
+    }
+
+    /// With an acceptor offline the buffer fills; once a quorum has flushed it, reading resumes
+    /// and committed WAL beyond the limit is dropped: backpressure never deadlocks.
+    #[test]
+    fn backpressure_releases_once_a_quorum_commits() {
+        let mut p = elected();
+        p.handle(Event::Wal { start: Lsn(0x1000), data: Bytes::from(vec![0u8; 1000]) });
+        assert!(!p.wants_more_wal(), "1000 uncommitted bytes fill the buffer");
+        let end = Lsn(0x1000 + 1000);
+        ack(&mut p, 0, end);
+        ack(&mut p, 1, end);
+        assert_eq!(p.commit_lsn(), end);
+        assert!(p.wants_more_wal(), "committed WAL must not hold back reading");
+        for k in 1..5u64 {
+            p.handle(Event::Wal { start: end + (k - 1) * 500, data: Bytes::from(vec![0u8; 500]) });
+            let e = end + k * 500;
+            ack(&mut p, 0, e);
+            ack(&mut p, 1, e);
+            assert!(p.wants_more_wal());
+            assert!(p.buffered_bytes() <= 2 * 1000, "buffer grew to {}", p.buffered_bytes());
         }
     }
 }
