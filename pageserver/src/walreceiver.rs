@@ -20,6 +20,11 @@ use crate::pgdatadir_mapping::DatadirModification;
 use crate::tenant::timeline::Timeline;
 use crate::walingest::WalIngest;
 
+/// How often to compare our source with the other safekeepers.
+const LAG_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+/// Switch to another safekeeper when it is this far ahead of what we have received.
+const MAX_LAG_BYTES: u64 = 16 * 1024 * 1024;
+
 fn conn_config(addr: &str, tl: &Timeline) -> anyhow::Result<ConnectConfig> {
     let (host, port) =
         addr.rsplit_once(':').with_context(|| format!("safekeeper address '{addr}' is not host:port"))?;
@@ -97,11 +102,24 @@ async fn session(tl: &Arc<Timeline>, safekeepers: &[String]) -> anyhow::Result<(
     let ingest = Arc::new(Mutex::new(ingest));
     let mut decoder = WalStreamDecoder::new(start);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut lag_check = tokio::time::interval(LAG_CHECK_INTERVAL);
+    lag_check.tick().await; // the first tick is immediate
+                            // How far our safekeeper says WAL is committed (from its messages).
+    let mut source_end = commit;
     loop {
         tokio::select! {
             msg = reader.next() => {
                 let Some(data) = msg? else { bail!("safekeeper {sk} ended the stream") };
-                let ReplicationMessage::XLogData { wal_start, data, .. } = ReplicationMessage::decode(&data)? else { continue };
+                let (wal_start, data) = match ReplicationMessage::decode(&data)? {
+                    ReplicationMessage::XLogData { wal_start, wal_end, data, .. } => {
+                        source_end = source_end.max(wal_end);
+                        (wal_start, data)
+                    }
+                    ReplicationMessage::Keepalive { wal_end, .. } => {
+                        source_end = source_end.max(wal_end);
+                        continue;
+                    }
+                };
                 if wal_start != decoder.fed_up_to() {
                     bail!("safekeeper {sk} sent WAL at {wal_start}, expected {}: refusing a gap", decoder.fed_up_to());
                 }
@@ -125,6 +143,16 @@ async fn session(tl: &Arc<Timeline>, safekeepers: &[String]) -> anyhow::Result<(
                     Ok(())
                 })
                 .await??;
+            }
+            _ = lag_check.tick() => {
+                // Another safekeeper far ahead of ours: ours lags or is cut off from the quorum;
+                // reconnect to the best one. (Our own ingest lag is not a reason to switch.)
+                if let Some((best, commit)) = pick_safekeeper(tl, safekeepers).await {
+                    if best != sk && commit.checked_sub(source_end).unwrap_or(0) > MAX_LAG_BYTES {
+                        info!("safekeeper {best} has committed up to {commit}, {sk} only up to {source_end}: switching");
+                        return Ok(());
+                    }
+                }
             }
             _ = tick.tick() => {
                 let tl2 = tl.clone();
