@@ -4,7 +4,13 @@
 //! safekeepers and release its synchronous commits once a quorum has them). The spec-driven
 //! compute start arrives with the stateless-compute work.
 
+mod compute;
+mod http;
+mod spec;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -43,6 +49,21 @@ struct SafekeeperArgs {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Start a compute from a JSON spec and supervise it (exits non-zero if Postgres dies).
+    Run {
+        /// The compute spec (JSON file).
+        #[arg(long)]
+        spec: PathBuf,
+        /// Data directory (a cache: replaced from the basebackup at every start).
+        #[arg(long)]
+        pgdata: PathBuf,
+        /// Our Postgres build (postgres/build.sh's pg_install).
+        #[arg(long, env = "PG_INSTALL_DIR", default_value = "pg_install")]
+        pg_install: PathBuf,
+        /// HTTP API address (status, metrics, terminate).
+        #[arg(long, default_value = "127.0.0.1:3080")]
+        http_addr: std::net::SocketAddr,
+    },
     /// Elect a proposer, make a quorum of safekeepers agree, print the start LSN, exit.
     SyncSafekeepers {
         #[command(flatten)]
@@ -110,6 +131,19 @@ fn main() -> ExitCode {
                     Ok(Ok(Outcome::Stopped)) => anyhow::bail!("interrupted"),
                     Ok(Err(e)) => Err(e),
                 }
+            }
+            Cmd::Run { spec, pgdata, pg_install, http_addr } => {
+                let text = std::fs::read_to_string(&spec)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", spec.display()))?;
+                let spec = spec::ComputeSpec::parse(&text)?;
+                let status =
+                    Arc::new(Mutex::new(compute::ComputeStatus { status: "init".into(), ..Default::default() }));
+                let listener = tokio::net::TcpListener::bind(http_addr)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {http_addr} (HTTP): {e}"))?;
+                let app = http::router(status.clone(), shutdown.clone());
+                tokio::spawn(async move { axum::serve(listener, app).await });
+                compute::run(spec, pgdata, pg_install, status, shutdown).await
             }
             Cmd::Walproposer { sk, pg_addr, pg_user } => {
                 let pg = PostgresSource { addr: pg_addr, user: pg_user };

@@ -339,6 +339,29 @@ impl Client {
         }
     }
 
+    /// Sends `query` (e.g. `basebackup ...`) and reads its COPY OUT stream to the end.
+    /// `max_bytes` bounds what we accept.
+    pub async fn copy_out_to_vec(&mut self, query: &str, max_bytes: usize) -> Result<Vec<u8>, ClientError> {
+        frontend::query(query, &mut self.write.buf).map_err(|e| self.write.encode_err(e))?;
+        self.write.flush().await?;
+        let mut out = Vec::new();
+        let mut error = None;
+        loop {
+            match self.read.read().await? {
+                BackendMessage::Other(Message::CopyData(d)) => {
+                    if out.len() + d.data().len() > max_bytes {
+                        return Err(self.read.protocol(format!("'{query}' sent more than {max_bytes} bytes")));
+                    }
+                    out.extend_from_slice(d.data());
+                }
+                BackendMessage::Other(Message::ErrorResponse(e)) => error = Some(server_error(&self.addr, e.fields())),
+                BackendMessage::Other(Message::ReadyForQuery(_)) => return error.map_or(Ok(out), Err),
+                BackendMessage::CopyBothResponse => return Err(self.read.protocol("unexpected COPY BOTH".into())),
+                _ => {}
+            }
+        }
+    }
+
     /// Sends `query` (e.g. `START_REPLICATION ...`) and enters COPY BOTH mode.
     pub async fn copy_both(mut self, query: &str) -> Result<(CopyBothReader, CopyBothWriter), ClientError> {
         frontend::query(query, &mut self.write.buf).map_err(|e| self.write.encode_err(e))?;

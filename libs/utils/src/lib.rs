@@ -3,6 +3,7 @@
 pub mod id;
 pub mod logging;
 pub mod lsn;
+pub mod pg_os_user;
 pub mod shutdown;
 
 pub use id::{NodeId, TenantId, TimelineId};

@@ -1,0 +1,303 @@
+//! Starting and supervising one compute (DESIGN D2–D4): find the start LSN, fetch the
+//! basebackup, write the config, start Postgres, run the walproposer beside a primary, apply
+//! roles and databases, and exit non-zero if Postgres dies (its data directory is a cache and
+//! is never crash-recovered: a new compute starts from the pageserver instead).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use postgres_client::{Client, ConnectConfig};
+use serde::Serialize;
+use tokio::process::Child;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use utils::pg_os_user::{command_as, PgOsUser};
+use utils::Lsn;
+use walproposer::driver::{self, DriverConfig, HostPort, Outcome, PostgresSource};
+
+use crate::spec::{quote_literal, ComputeMode, ComputeSpec};
+
+/// Superuser every compute has (trusted on loopback).
+pub const SUPERUSER: &str = "cloud_admin";
+/// Largest basebackup we accept (it carries no relation data: normally well under 1 MB).
+const MAX_BASEBACKUP_BYTES: usize = 256 * 1024 * 1024;
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ComputeStatus {
+    /// `init`, `running`, `failed` or `terminated`.
+    pub status: String,
+    pub start_lsn: Option<Lsn>,
+    pub error: Option<String>,
+    /// Milliseconds each start step took, in order.
+    pub timings_ms: Vec<(String, u128)>,
+}
+
+pub type SharedStatus = Arc<Mutex<ComputeStatus>>;
+
+fn host_port(s: &str) -> anyhow::Result<HostPort> {
+    s.parse().map_err(|e: String| anyhow::anyhow!(e))
+}
+
+/// Runs `f` as a named start step, logging and recording how long it took.
+async fn step<T>(
+    status: &SharedStatus,
+    name: &str,
+    f: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    info!("{name}...");
+    let t0 = Instant::now();
+    let r = f.await.with_context(|| format!("compute start failed at step '{name}'"));
+    let ms = t0.elapsed().as_millis();
+    info!("{name}: {} in {ms} ms", if r.is_ok() { "done" } else { "FAILED" });
+    status.lock().expect("status lock").timings_ms.push((name.to_string(), ms));
+    r
+}
+
+/// The LSN a new primary starts at: where the safekeepers agree WAL is committed. Fast path: a
+/// quorum answers TIMELINE_STATUS with commit == flush at the same LSN and nobody has more WAL;
+/// otherwise run the election (sync-safekeepers).
+async fn primary_start_lsn(spec: &ComputeSpec) -> anyhow::Result<Lsn> {
+    let mut answers = Vec::new();
+    for sk in &spec.safekeepers {
+        let hp = host_port(sk)?;
+        let mut c = ConnectConfig::new(hp.host.clone(), hp.port, "compute_ctl");
+        c.options = vec![
+            ("tenant_id".into(), spec.tenant_id.to_string()),
+            ("timeline_id".into(), spec.timeline_id.to_string()),
+        ];
+        c.connect_timeout = Duration::from_secs(3);
+        let r = async {
+            let mut client = Client::connect(&c).await?;
+            let rows = client.simple_query("TIMELINE_STATUS").await?;
+            let row = rows.first().context("no row")?;
+            let cell = |i: usize| row.get(i).cloned().flatten().context("missing column");
+            anyhow::Ok((cell(1)?.parse::<Lsn>()?, cell(2)?.parse::<Lsn>()?))
+        };
+        match r.await {
+            Ok(a) => answers.push(a),
+            Err(e) => warn!("safekeeper {sk}: {e:#}"),
+        }
+    }
+    let quorum = spec.safekeepers.len() / 2 + 1;
+    if let Some(&(flush, _)) = answers.first() {
+        let agree = answers.iter().filter(|(f, c)| *f == flush && *c == flush).count();
+        let max_flush = answers.iter().map(|(f, _)| *f).max().unwrap_or(flush);
+        if agree >= quorum && max_flush == flush {
+            info!("safekeepers agree: WAL committed up to {flush}");
+            return Ok(flush);
+        }
+    }
+    info!("safekeepers do not agree on the WAL end; running the election (sync-safekeepers)");
+    let cfg = DriverConfig {
+        safekeepers: spec.safekeepers.iter().map(|s| host_port(s)).collect::<anyhow::Result<_>>()?,
+        tenant_id: spec.tenant_id,
+        timeline_id: spec.timeline_id,
+        postgres: None,
+        system_id: 0,
+        pg_version: 150018,
+        wal_seg_size: 16 * 1024 * 1024,
+        safekeeper_password: None,
+        reconnect_backoff_max: Duration::from_secs(2),
+    };
+    match tokio::time::timeout(Duration::from_secs(120), driver::run(cfg, CancellationToken::new())).await {
+        Ok(Ok(Outcome::Synced(lsn))) => Ok(lsn),
+        Ok(Ok(Outcome::Stopped)) => bail!("sync-safekeepers was interrupted"),
+        Ok(Err(e)) => Err(e),
+        Err(_) => bail!("sync-safekeepers did not finish in 120 s: is a quorum of {:?} reachable?", spec.safekeepers),
+    }
+}
+
+async fn fetch_basebackup(
+    spec: &ComputeSpec,
+    lsn: Lsn,
+    pgdata: &Path,
+    os_user: Option<&PgOsUser>,
+) -> anyhow::Result<usize> {
+    let hp = host_port(&spec.pageserver)?;
+    let mut c = ConnectConfig::new(hp.host.clone(), hp.port, SUPERUSER);
+    c.connect_timeout = Duration::from_secs(10);
+    let mut client =
+        Client::connect(&c).await.with_context(|| format!("connecting to the pageserver at {}", spec.pageserver))?;
+    let tar = client
+        .copy_out_to_vec(&format!("basebackup {} {} {lsn}", spec.tenant_id, spec.timeline_id), MAX_BASEBACKUP_BYTES)
+        .await
+        .with_context(|| format!("basebackup of {}/{} at {lsn}", spec.tenant_id, spec.timeline_id))?;
+    let size = tar.len();
+    let pgdata = pgdata.to_path_buf();
+    let os_user = os_user.cloned();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        if pgdata.exists() {
+            // The data directory is a cache of this compute's last life: never reused.
+            std::fs::remove_dir_all(&pgdata).with_context(|| format!("removing old {}", pgdata.display()))?;
+        }
+        std::fs::create_dir_all(&pgdata)?;
+        tar::Archive::new(&tar[..]).unpack(&pgdata).context("unpacking the basebackup")?;
+        std::fs::set_permissions(&pgdata, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        if let Some(u) = &os_user {
+            u.chown_recursive(&pgdata)?;
+        }
+        Ok(())
+    })
+    .await??;
+    Ok(size)
+}
+
+fn write_config(spec: &ComputeSpec, pgdata: &Path, lsn: Lsn) -> anyhow::Result<()> {
+    let (ps_host, ps_port) = spec.pageserver.rsplit_once(':').context("pageserver address is not host:port")?;
+    let mut conf = format!(
+        "# written by compute_ctl\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\n\
+         shared_preload_libraries = 'neon'\nneon.pageserver_connstring = 'host={ps_host} port={ps_port} user={SUPERUSER}'\n\
+         neon.tenant_id = '{}'\nneon.timeline_id = '{}'\nneon.start_lsn = '{lsn}'\n\
+         fsync = off\nwal_level = replica\nmax_wal_senders = 10\nmax_replication_slots = 10\nwal_sender_timeout = 60s\n",
+        spec.pg_port, spec.tenant_id, spec.timeline_id
+    );
+    match spec.mode {
+        ComputeMode::Primary => conf.push_str("synchronous_standby_names = 'walproposer'\nsynchronous_commit = on\n"),
+        ComputeMode::Static => conf.push_str("hot_standby = on\n"),
+    }
+    for (k, v) in &spec.settings {
+        conf.push_str(&format!("{k} = {}\n", quote_literal(v)));
+    }
+    let path = pgdata.join("postgresql.conf");
+    std::fs::write(&path, conf).with_context(|| format!("writing {}", path.display()))?;
+    if spec.mode == ComputeMode::Static {
+        std::fs::write(pgdata.join("standby.signal"), "")?;
+    }
+    Ok(())
+}
+
+async fn wait_ready(port: u16, child: &mut Child) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("Postgres exited during start with {status}; see its log above");
+        }
+        let mut c = ConnectConfig::new("127.0.0.1", port, SUPERUSER);
+        c.dbname = Some("postgres".into());
+        c.connect_timeout = Duration::from_secs(2);
+        if let Ok(mut client) = Client::connect(&c).await {
+            if client.simple_query("select 1").await.is_ok() {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("Postgres did not accept connections on port {port} within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn apply_roles_and_databases(spec: &ComputeSpec) -> anyhow::Result<()> {
+    let mut c = ConnectConfig::new("127.0.0.1", spec.pg_port, SUPERUSER);
+    c.dbname = Some("postgres".into());
+    let mut client = Client::connect(&c).await?;
+    for r in &spec.roles {
+        let exists = !client
+            .simple_query(&format!("select 1 from pg_roles where rolname = {}", quote_literal(&r.name)))
+            .await?
+            .is_empty();
+        let pw = r.password.as_deref().map(|p| format!(" PASSWORD {}", quote_literal(p))).unwrap_or_default();
+        let verb = if exists { "ALTER" } else { "CREATE" };
+        client
+            .simple_query(&format!("{verb} ROLE {} LOGIN{pw}", r.name))
+            .await
+            .with_context(|| format!("{verb} ROLE {}", r.name))?;
+        info!("{} role {}", if exists { "updated" } else { "created" }, r.name);
+    }
+    for d in &spec.databases {
+        let exists = !client
+            .simple_query(&format!("select 1 from pg_database where datname = {}", quote_literal(&d.name)))
+            .await?
+            .is_empty();
+        if !exists {
+            client
+                .simple_query(&format!("CREATE DATABASE {} OWNER {}", d.name, d.owner))
+                .await
+                .with_context(|| format!("CREATE DATABASE {}", d.name))?;
+            info!("created database {} owned by {}", d.name, d.owner);
+        }
+    }
+    Ok(())
+}
+
+/// Starts the compute and supervises it until `shutdown` or a failure.
+pub async fn run(
+    spec: ComputeSpec,
+    pgdata: PathBuf,
+    pg_install: PathBuf,
+    status: SharedStatus,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let os_user = PgOsUser::resolve()?;
+    let t0 = Instant::now();
+    let lsn = match spec.mode {
+        ComputeMode::Primary => {
+            step(&status, "find the start LSN on the safekeepers", primary_start_lsn(&spec)).await?
+        }
+        ComputeMode::Static => spec.lsn.expect("validated"),
+    };
+    status.lock().expect("status lock").start_lsn = Some(lsn);
+    let size = step(&status, "fetch the basebackup", fetch_basebackup(&spec, lsn, &pgdata, os_user.as_ref())).await?;
+    info!("basebackup at {lsn}: {size} bytes");
+    step(&status, "write postgresql.conf", async { write_config(&spec, &pgdata, lsn) }).await?;
+    if let Some(u) = &os_user {
+        u.chown_recursive(&pgdata)?;
+    }
+    let mut cmd = tokio::process::Command::from(command_as(os_user.as_ref(), &pg_install.join("bin/postgres")));
+    cmd.arg("-D").arg(&pgdata).stdin(Stdio::null()).kill_on_drop(true);
+    let mut child = cmd.spawn().context("starting postgres")?;
+    step(&status, "start Postgres", wait_ready(spec.pg_port, &mut child)).await?;
+    let wp_stop = shutdown.child_token();
+    let mut walproposer = if spec.mode == ComputeMode::Primary {
+        let cfg = DriverConfig {
+            safekeepers: spec.safekeepers.iter().map(|s| host_port(s)).collect::<anyhow::Result<_>>()?,
+            tenant_id: spec.tenant_id,
+            timeline_id: spec.timeline_id,
+            postgres: Some(PostgresSource {
+                addr: HostPort { host: "127.0.0.1".into(), port: spec.pg_port },
+                user: SUPERUSER.into(),
+            }),
+            system_id: 0,
+            pg_version: 150018,
+            wal_seg_size: 16 * 1024 * 1024,
+            safekeeper_password: None,
+            reconnect_backoff_max: Duration::from_secs(2),
+        };
+        Some(tokio::spawn(driver::run(cfg, wp_stop.clone())))
+    } else {
+        None
+    };
+    step(&status, "apply roles and databases", apply_roles_and_databases(&spec)).await?;
+    info!("compute running on port {} after {} ms", spec.pg_port, t0.elapsed().as_millis());
+    status.lock().expect("status lock").status = "running".into();
+
+    let result = tokio::select! {
+        s = child.wait() => Err(anyhow::anyhow!("Postgres exited unexpectedly ({}); the compute is gone, start a new one", s?)),
+        r = async { match walproposer.as_mut() { Some(h) => h.await, None => std::future::pending().await } } => {
+            match r {
+                Ok(Ok(_)) => Err(anyhow::anyhow!("the walproposer stopped")),
+                Ok(Err(e)) => Err(e.context("the walproposer failed")),
+                Err(e) => Err(anyhow::anyhow!("the walproposer task failed: {e}")),
+            }
+        }
+        _ = shutdown.cancelled() => Ok(()),
+    };
+    // Fast shutdown of Postgres (SIGINT), then stop the walproposer.
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    wp_stop.cancel();
+    let mut st = status.lock().expect("status lock");
+    match &result {
+        Ok(()) => st.status = "terminated".into(),
+        Err(e) => {
+            st.status = "failed".into();
+            st.error = Some(format!("{e:#}"));
+        }
+    }
+    result
+}
