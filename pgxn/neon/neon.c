@@ -1,0 +1,145 @@
+/*-------------------------------------------------------------------------
+ *
+ * neon.c
+ *	  Module entry: GUCs, the storage manager hook, shared memory.
+ *
+ * The compute keeps every block it writes locally and reads every other
+ * block from the pageserver at one LSN, the compute's start LSN (DESIGN
+ * D3). That LSN is neon.start_lsn, or, when unset, the redo LSN of the
+ * checkpoint in pg_control as the postmaster found it at startup: a
+ * basebackup's control file points at the LSN it was taken at (DESIGN D4).
+ * It is read once, in the postmaster, because later checkpoints of this
+ * compute move the redo pointer while the pageserver image does not move.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/pg_control.h"
+#include "common/controldata_utils.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "storage/ipc.h"
+#include "storage/lwlock.h"
+#include "storage/shmem.h"
+#include "utils/guc.h"
+#include "utils/pg_lsn.h"
+
+#include "neon.h"
+
+PG_MODULE_MAGIC;
+
+void		_PG_init(void);
+
+char	   *neon_pageserver_connstring = NULL;
+char	   *neon_tenant_id = NULL;
+char	   *neon_timeline_id = NULL;
+int			neon_pageserver_timeout_ms = 60000;
+int			neon_relsize_hash_size = 16384;
+static char *neon_start_lsn_str = NULL;
+
+/* Resolved in the postmaster (_PG_init), inherited by every child. */
+static XLogRecPtr start_lsn = InvalidXLogRecPtr;
+
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+XLogRecPtr
+neon_start_lsn(void)
+{
+	if (XLogRecPtrIsInvalid(start_lsn))
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("neon: no start LSN to read the pageserver at"),
+				 errhint("Set neon.start_lsn, or start from a basebackup whose pg_control has a checkpoint.")));
+	return start_lsn;
+}
+
+static void
+resolve_start_lsn(void)
+{
+	if (neon_start_lsn_str != NULL && neon_start_lsn_str[0] != '\0')
+	{
+		bool		have_error = false;
+
+		start_lsn = pg_lsn_in_internal(neon_start_lsn_str, &have_error);
+		if (have_error || XLogRecPtrIsInvalid(start_lsn))
+			ereport(FATAL,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("neon.start_lsn \"%s\" is not a valid LSN (expected X/X)",
+							neon_start_lsn_str)));
+	}
+	else
+	{
+		bool		crc_ok = false;
+		ControlFileData *cf = get_controlfile(DataDir, &crc_ok);
+
+		if (!crc_ok)
+			ereport(FATAL,
+					(errmsg("neon: pg_control in \"%s\" has a bad checksum; cannot derive the start LSN",
+							DataDir),
+					 errhint("Set neon.start_lsn explicitly.")));
+		start_lsn = cf->checkPointCopy.redo;
+		pfree(cf);
+	}
+	elog(LOG, "neon: reading the pageserver at start LSN %X/%X",
+		 LSN_FORMAT_ARGS(start_lsn));
+}
+
+static void
+neon_shmem_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	RequestAddinShmemSpace(relsize_shmem_size());
+	RequestNamedLWLockTranche("neon_relsize", 1);
+}
+
+static void
+neon_shmem_startup(void)
+{
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+	relsize_shmem_init();
+}
+
+void
+_PG_init(void)
+{
+	if (!process_shared_preload_libraries_in_progress)
+		ereport(ERROR,
+				(errmsg("neon must be loaded with shared_preload_libraries = 'neon'")));
+
+	DefineCustomStringVariable("neon.pageserver_connstring",
+							   "libpq connection string of the pageserver.",
+							   NULL, &neon_pageserver_connstring, "",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("neon.tenant_id", "Tenant of this compute.",
+							   NULL, &neon_tenant_id, "",
+							   PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("neon.timeline_id", "Timeline of this compute.",
+							   NULL, &neon_timeline_id, "",
+							   PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("neon.start_lsn",
+							   "LSN at which blocks are read from the pageserver (default: the checkpoint redo LSN in pg_control at startup).",
+							   NULL, &neon_start_lsn_str, "",
+							   PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("neon.pageserver_timeout",
+							"Time limit for connecting to the pageserver and for each request.",
+							NULL, &neon_pageserver_timeout_ms, 60000, 100, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("neon.relsize_hash_size",
+							"Entries in the shared cache of relation sizes at the start LSN.",
+							NULL, &neon_relsize_hash_size, 16384, 128, INT_MAX / 2,
+							PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	MarkGUCPrefixReserved("neon");
+
+	resolve_start_lsn();
+
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = neon_shmem_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = neon_shmem_startup;
+
+	smgr_hook = neon_smgr_hook;
+}
