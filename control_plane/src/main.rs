@@ -1,13 +1,216 @@
-//! `control_plane`: see DESIGN.md §2. The daemon arrives with its own issue; this entry point exists so the
-//! workspace layout is fixed and CI builds every crate from the start.
-use clap::Parser;
+//! `neon_local`: runs the whole stack on one machine (DESIGN §4). State lives in `.neon/`
+//! (or `$NEON_REPO_DIR`): `config.json`, one folder per daemon with its data, log and pid file,
+//! and one per endpoint with its spec and data directory.
+
+mod env;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::env::{Env, StopMode};
 
 #[derive(Parser)]
-#[command(version, about = "control_plane (not yet functional: only --help and --version work)")]
-struct Args {}
+#[command(version, about = "Run pageserver, safekeepers and computes locally")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _args = Args::parse();
-    utils::logging::init(utils::logging::LogFormat::Human)?;
-    anyhow::bail!("control_plane is not implemented yet; only --help and --version work")
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a new environment in .neon/.
+    Init {
+        #[arg(long, default_value_t = 3)]
+        num_safekeepers: u32,
+        /// Remove an existing environment first.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Start the pageserver and the safekeepers.
+    Start,
+    /// Stop endpoints and daemons.
+    Stop {
+        #[arg(long, value_enum, default_value = "fast")]
+        mode: StopMode,
+    },
+    /// Show every daemon and endpoint.
+    Status,
+    #[command(subcommand)]
+    Tenant(TenantCmd),
+    #[command(subcommand)]
+    Timeline(TimelineCmd),
+    #[command(subcommand)]
+    Endpoint(EndpointCmd),
+    #[command(subcommand)]
+    Pageserver(DaemonCmd),
+    /// Manage safekeeper ID.
+    Safekeeper {
+        #[command(subcommand)]
+        cmd: DaemonCmd,
+        id: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum TenantCmd {
+    /// Create a tenant with a `main` branch.
+    Create {
+        #[arg(long)]
+        tenant_id: Option<utils::TenantId>,
+        #[arg(long)]
+        timeline_id: Option<utils::TimelineId>,
+        #[arg(long)]
+        set_default: bool,
+        /// Tenant settings (not supported yet: refused with a clear error).
+        #[arg(short = 'c')]
+        config: Vec<String>,
+    },
+    List,
+}
+
+#[derive(Subcommand)]
+enum TimelineCmd {
+    /// Create a branch.
+    Branch {
+        #[arg(long)]
+        branch_name: String,
+        #[arg(long, default_value = "main")]
+        ancestor_branch_name: String,
+        #[arg(long)]
+        ancestor_start_lsn: Option<utils::Lsn>,
+        #[arg(long)]
+        tenant_id: Option<utils::TenantId>,
+    },
+    List {
+        #[arg(long)]
+        tenant_id: Option<utils::TenantId>,
+    },
+}
+
+#[derive(Subcommand)]
+enum EndpointCmd {
+    Create {
+        name: String,
+        #[arg(long, default_value = "main")]
+        branch_name: String,
+        #[arg(long)]
+        pg_port: Option<u16>,
+        #[arg(long)]
+        http_port: Option<u16>,
+        #[arg(long)]
+        tenant_id: Option<utils::TenantId>,
+    },
+    Start {
+        name: String,
+    },
+    Stop {
+        name: String,
+        #[arg(long, value_enum, default_value = "fast")]
+        mode: StopMode,
+        /// Also remove the endpoint.
+        #[arg(long)]
+        destroy: bool,
+    },
+    List,
+}
+
+#[derive(Subcommand)]
+enum DaemonCmd {
+    Start,
+    Stop {
+        #[arg(long, value_enum, default_value = "fast")]
+        mode: StopMode,
+    },
+    Restart {
+        #[arg(long, value_enum, default_value = "fast")]
+        mode: StopMode,
+    },
+    Status,
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Init { num_safekeepers, force } => {
+            let env = Env::init(num_safekeepers, force)?;
+            println!("initialized {} with {num_safekeepers} safekeepers", env.dir.display());
+        }
+        Cmd::Start => {
+            let env = Env::load()?;
+            env.start_all()?;
+        }
+        Cmd::Stop { mode } => Env::load()?.stop_all(mode)?,
+        Cmd::Status => Env::load()?.print_status()?,
+        Cmd::Tenant(TenantCmd::Create { tenant_id, timeline_id, set_default, config }) => {
+            if !config.is_empty() {
+                anyhow::bail!("tenant settings (-c) are not supported yet; configure defaults in .neon/pageserver/pageserver.toml");
+            }
+            let mut env = Env::load()?;
+            let (t, tl) = env.create_tenant(tenant_id, timeline_id, set_default)?;
+            println!(
+                "tenant {t} created with branch 'main' (timeline {tl}){}",
+                if set_default { ", set as default" } else { "" }
+            );
+        }
+        Cmd::Tenant(TenantCmd::List) => Env::load()?.list_tenants()?,
+        Cmd::Timeline(TimelineCmd::Branch { branch_name, ancestor_branch_name, ancestor_start_lsn, tenant_id }) => {
+            let mut env = Env::load()?;
+            let (tl, lsn) = env.branch(tenant_id, &branch_name, &ancestor_branch_name, ancestor_start_lsn)?;
+            println!("branch '{branch_name}' (timeline {tl}) created from '{ancestor_branch_name}' at {lsn}");
+        }
+        Cmd::Timeline(TimelineCmd::List { tenant_id }) => Env::load()?.list_timelines(tenant_id)?,
+        Cmd::Endpoint(EndpointCmd::Create { name, branch_name, pg_port, http_port, tenant_id }) => {
+            let mut env = Env::load()?;
+            let ep = env.create_endpoint(&name, tenant_id, &branch_name, pg_port, http_port)?;
+            println!("endpoint '{name}' created on branch '{branch_name}': {}", ep.connstr());
+        }
+        Cmd::Endpoint(EndpointCmd::Start { name }) => {
+            let env = Env::load()?;
+            let connstr = env.start_endpoint(&name)?;
+            println!("endpoint '{name}' started: {connstr}");
+        }
+        Cmd::Endpoint(EndpointCmd::Stop { name, mode, destroy }) => {
+            let mut env = Env::load()?;
+            env.stop_endpoint(&name, mode, destroy)?;
+        }
+        Cmd::Endpoint(EndpointCmd::List) => Env::load()?.list_endpoints()?,
+        Cmd::Pageserver(cmd) => {
+            let env = Env::load()?;
+            daemon_cmd(&env, cmd, None)?;
+        }
+        Cmd::Safekeeper { cmd, id } => {
+            let env = Env::load()?;
+            daemon_cmd(&env, cmd, Some(id))?;
+        }
+    }
+    Ok(())
+}
+
+fn daemon_cmd(env: &Env, cmd: DaemonCmd, sk: Option<u32>) -> anyhow::Result<()> {
+    let d = match sk {
+        Some(id) => env.safekeeper_daemon(id)?,
+        None => env.pageserver_daemon(),
+    };
+    match cmd {
+        DaemonCmd::Start => env.start_daemon(&d),
+        DaemonCmd::Stop { mode } => env.stop_daemon(&d, mode),
+        DaemonCmd::Restart { mode } => {
+            env.stop_daemon(&d, mode)?;
+            env.start_daemon(&d)
+        }
+        DaemonCmd::Status => {
+            println!("{}", env.daemon_status(&d));
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
