@@ -68,7 +68,7 @@ pub async fn run(tl: Arc<Timeline>, safekeepers: Vec<String>, stop: Cancellation
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => {
                 warn!("WAL receiver for {}/{}: {e:#}; retrying in {backoff:?}", tl.tenant_id(), tl.timeline_id());
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
         tokio::select! {
