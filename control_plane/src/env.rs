@@ -49,6 +49,9 @@ impl EndpointConf {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Config {
     pub pg_install: PathBuf,
+    /// Added to every default port (`NEON_LOCAL_PORT_OFFSET` at init), to run beside another stack.
+    #[serde(default)]
+    pub port_offset: u16,
     pub bin_dir: PathBuf,
     pub pageserver: PageserverConf,
     pub safekeepers: Vec<SafekeeperConf>,
@@ -145,13 +148,26 @@ impl Env {
                 );
             }
         }
+        let off: u16 = match std::env::var("NEON_LOCAL_PORT_OFFSET") {
+            Ok(v) => v
+                .parse()
+                .ok()
+                .filter(|&o: &u16| o <= 1500)
+                .context("NEON_LOCAL_PORT_OFFSET must be a number 0..=1500")?,
+            Err(_) => 0,
+        };
         fs::create_dir_all(&dir)?;
         let conf = Config {
             pg_install,
+            port_offset: off,
             bin_dir,
-            pageserver: PageserverConf { pg_port: 64000, http_port: 9898 },
+            pageserver: PageserverConf { pg_port: 64000 + off, http_port: 9898 + off },
             safekeepers: (1..=num_safekeepers)
-                .map(|id| SafekeeperConf { id, pg_port: 5454 + id as u16 - 1, http_port: 7676 + id as u16 - 1 })
+                .map(|id| SafekeeperConf {
+                    id,
+                    pg_port: 5454 + off + id as u16 - 1,
+                    http_port: 7676 + off + id as u16 - 1,
+                })
                 .collect(),
             default_tenant: None,
             branches: BTreeMap::new(),
@@ -547,8 +563,8 @@ impl Env {
             tenant_id: t,
             timeline_id: tl,
             branch: branch.into(),
-            pg_port: pick(pg_port, 55432),
-            http_port: pick(http_port, 3080),
+            pg_port: pick(pg_port, 55432 + self.conf.port_offset),
+            http_port: pick(http_port, 3080 + self.conf.port_offset),
         };
         let spec = serde_json::json!({
             "tenant_id": t,

@@ -4,16 +4,20 @@
 //! - `GET|POST /v1/tenant`, `GET /v1/tenant/{tenant_id}`
 //! - `GET|POST /v1/tenant/{tenant_id}/timeline`, `GET /v1/tenant/{tenant_id}/timeline/{timeline_id}`
 //! - `PUT /v1/tenant/{tenant_id}/timeline/{timeline_id}/checkpoint` (flush the open layer)
+//! - `GET /v1/tenant/{tenant_id}/timeline/{timeline_id}/get_lsn_by_timestamp?timestamp=<RFC 3339>`
+//!   (the LSN at which the timeline looked as at that time; see
+//!   [`Timeline::find_lsn_by_timestamp`])
 
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
-use pageserver_api::models::{TenantCreateRequest, TenantInfo, TimelineCreateRequest, TimelineInfo};
+use pageserver_api::models::{LsnByTimestamp, TenantCreateRequest, TenantInfo, TimelineCreateRequest, TimelineInfo};
+use postgres_ffi::TimestampTz;
 use utils::{Lsn, TenantId, TimelineId};
 
 use crate::tenant::timeline::Timeline;
@@ -77,6 +81,7 @@ pub fn router(mgr: Arc<TenantManager>) -> Router {
         .route("/v1/tenant/{tenant_id}/timeline", get(list_timelines).post(create_timeline))
         .route("/v1/tenant/{tenant_id}/timeline/{timeline_id}", get(get_timeline))
         .route("/v1/tenant/{tenant_id}/timeline/{timeline_id}/checkpoint", put(checkpoint))
+        .route("/v1/tenant/{tenant_id}/timeline/{timeline_id}/get_lsn_by_timestamp", get(get_lsn_by_timestamp))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
         .with_state(mgr)
 }
@@ -154,4 +159,132 @@ async fn checkpoint(
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok(Json(timeline_info(&tl)))
+}
+
+async fn get_lsn_by_timestamp(
+    State(m): State<Arc<TenantManager>>,
+    Path((t, tl)): Path<(String, String)>,
+    query: Result<Query<std::collections::HashMap<String, String>>, QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    const USAGE: &str = "pass ?timestamp=<RFC 3339 time>, e.g. ?timestamp=2024-05-01T12:00:00.5Z";
+    let tl = m.get_timeline(tenant_id(&t)?, timeline_id(&tl)?)?;
+    let Query(params) = query.map_err(|e| bad(format!("bad query string: {}; {USAGE}", e.body_text())))?;
+    let raw = params.get("timestamp").ok_or_else(|| bad(format!("missing timestamp parameter: {USAGE}")))?;
+    let timestamp = parse_rfc3339(raw).map_err(|e| bad(format!("timestamp '{raw}': {e}; {USAGE}")))?;
+    let tl2 = tl.clone();
+    let found = tokio::task::spawn_blocking(move || tl2.find_lsn_by_timestamp(timestamp))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("looking up timestamp {raw} on timeline {}: {e}", tl.timeline_id()),
+            )
+        })?;
+    Ok(Json(LsnByTimestamp { lsn: found.lsn(), kind: found.kind().to_string() }))
+}
+
+/// Postgres's epoch (2000-01-01) in Unix seconds.
+const POSTGRES_EPOCH_UNIX_SECS: i64 = 946_684_800;
+
+/// Parses an RFC 3339 time (`2024-05-01T12:00:00Z`, `2024-05-01 12:00:00.123456+02:00`) into a
+/// Postgres `TimestampTz` (µs since 2000-01-01 UTC). Fractions beyond microseconds are cut.
+/// A space where the offset's `+` belongs is taken as `+` (an unescaped `+` in a URL query
+/// decodes to a space).
+pub fn parse_rfc3339(s: &str) -> Result<TimestampTz, String> {
+    let b = s.as_bytes();
+    let num = |range: std::ops::Range<usize>, what: &str| -> Result<i64, String> {
+        let part = b.get(range).filter(|p| p.iter().all(u8::is_ascii_digit));
+        part.and_then(|p| std::str::from_utf8(p).ok()?.parse::<i64>().ok()).ok_or_else(|| format!("bad {what}"))
+    };
+    let sep = |i: usize, want: &[u8]| b.get(i).is_some_and(|c| want.contains(c));
+    if !(sep(4, b"-") && sep(7, b"-") && sep(10, b"Tt ") && sep(13, b":") && sep(16, b":")) {
+        return Err("not of the form YYYY-MM-DDTHH:MM:SS[.fraction](Z|+HH:MM|-HH:MM)".to_string());
+    }
+    let (year, month, day) = (num(0..4, "year")?, num(5..7, "month")?, num(8..10, "day")?);
+    let (hour, minute, second) = (num(11..13, "hour")?, num(14..16, "minute")?, num(17..19, "second")?);
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let month_days = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    if !(1..=12).contains(&month) || day < 1 || day > month_days[month as usize - 1] {
+        return Err(format!("{year:04}-{month:02}-{day:02} is not a date"));
+    }
+    if hour > 23 || minute > 59 || second > 60 {
+        return Err(format!("{hour:02}:{minute:02}:{second:02} is not a time of day"));
+    }
+    let mut i = 19;
+    let mut micros = 0i64;
+    if sep(i, b".") {
+        let digits = b[i + 1..].iter().take_while(|c| c.is_ascii_digit()).count();
+        if digits == 0 {
+            return Err("a '.' must be followed by digits".to_string());
+        }
+        for k in 0..6 {
+            micros = micros * 10 + b.get(i + 1 + k).filter(|_| k < digits).map_or(0, |c| i64::from(c - b'0'));
+        }
+        i += 1 + digits;
+    }
+    let offset_secs = match &b[i..] {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-' | b' '), h1, h2, b':', m1, m2] => {
+            let hm = [*h1, *h2, *m1, *m2];
+            if !hm.iter().all(u8::is_ascii_digit) {
+                return Err("bad UTC offset".to_string());
+            }
+            let (h, m) = (i64::from((h1 - b'0') * 10 + (h2 - b'0')), i64::from((m1 - b'0') * 10 + (m2 - b'0')));
+            if h > 23 || m > 59 {
+                return Err("bad UTC offset".to_string());
+            }
+            if *sign == b'-' {
+                -(h * 3600 + m * 60)
+            } else {
+                h * 3600 + m * 60
+            }
+        }
+        _ => return Err("missing or bad UTC offset (Z, +HH:MM or -HH:MM) after the time".to_string()),
+    };
+    // Days from 1970-01-01 to the date (Howard Hinnant's days_from_civil).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let unix_secs = days * 86_400 + hour * 3600 + minute * 60 + second - offset_secs;
+    Ok((unix_secs - POSTGRES_EPOCH_UNIX_SECS) * 1_000_000 + micros)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339() {
+        assert_eq!(parse_rfc3339("2000-01-01T00:00:00Z"), Ok(0));
+        assert_eq!(parse_rfc3339("2000-01-01T00:00:01.5Z"), Ok(1_500_000));
+        assert_eq!(parse_rfc3339("2000-01-01t02:00:00.0000019+02:00"), Ok(1));
+        assert_eq!(parse_rfc3339("2000-01-01 02:00:00 02:00"), Ok(0), "a '+' decoded to a space");
+        assert_eq!(parse_rfc3339("1999-12-31T23:00:00-01:00"), Ok(0));
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Ok(-POSTGRES_EPOCH_UNIX_SECS * 1_000_000));
+        // A leap day, checked against `date -u -d 2024-02-29T12:34:56Z +%s`.
+        assert_eq!(
+            parse_rfc3339("2024-02-29T12:34:56.789012Z").unwrap(),
+            (1_709_210_096 - POSTGRES_EPOCH_UNIX_SECS) * 1_000_000 + 789_012
+        );
+        for bad in [
+            "",
+            "2024-02-30T00:00:00Z",
+            "2023-02-29T00:00:00Z",
+            "2024-13-01T00:00:00Z",
+            "2024-01-01T24:00:00Z",
+            "2024-01-01T00:00:00",
+            "2024-01-01T00:00:00.Z",
+            "2024-01-01T00:00:00+2:00",
+            "2024-01-01T00:00:00Zjunk",
+            "yesterday",
+            "2024-01-01T00:00:00+ab:00",
+        ] {
+            assert!(parse_rfc3339(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -19,6 +19,7 @@
 //!  twophase file        02 | 0       | 0       | 0           | 01   | xid
 //!  control file         03 | 0       | 0       | 0           | 00   | 00000000
 //!  checkpoint           03 | 0       | 0       | 0           | 00   | 00000001
+//!  last commit          03 | 0       | 0       | 0           | 00   | 00000002
 //! ```
 //!
 //! Why this shape: all keys of one relation fork (its blocks, then its size) are contiguous, all
@@ -53,6 +54,7 @@ const SLRU_SEGMENT_FIELD3: u32 = 1;
 const TWOPHASE_FILE_FIELD5: u8 = 1;
 const CONTROLFILE_FIELD6: u32 = 0;
 const CHECKPOINT_FIELD6: u32 = 1;
+const LAST_COMMIT_FIELD6: u32 = 2;
 
 /// An 18-byte storage key; see the module docs for the layout. Field order = sort order.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -347,6 +349,12 @@ impl Key {
         Key { field1: KIND_CONTROL, field2: 0, field3: 0, field4: 0, field5: 0, field6: CHECKPOINT_FIELD6 }
     }
 
+    /// The latest transaction commit (its timestamp and LSNs), written at every commit so the
+    /// LSN of a point in time can be found (see `pgdatadir_mapping`'s `find_lsn_by_timestamp`).
+    pub const fn last_commit() -> Key {
+        Key { field1: KIND_CONTROL, field2: 0, field3: 0, field4: 0, field5: 0, field6: LAST_COMMIT_FIELD6 }
+    }
+
     pub fn is_twophase_dir_key(&self) -> bool {
         *self == Key::twophase_dir()
     }
@@ -365,6 +373,10 @@ impl Key {
 
     pub fn is_checkpoint_key(&self) -> bool {
         *self == Key::checkpoint()
+    }
+
+    pub fn is_last_commit_key(&self) -> bool {
+        *self == Key::last_commit()
     }
 }
 
@@ -604,10 +616,11 @@ mod tests {
             Key::twophase_file(777),
             Key::controlfile(),
             Key::checkpoint(),
+            Key::last_commit(),
         ];
         let classify = |k: &Key| -> Vec<&'static str> {
             let mut v = vec![];
-            let checks: [(&str, bool); 12] = [
+            let checks: [(&str, bool); 13] = [
                 ("relblock", k.is_rel_block_key()),
                 ("relsize", k.is_rel_size_key()),
                 ("dbdir", k.is_dbdir_key()),
@@ -620,6 +633,7 @@ mod tests {
                 ("twophasefile", k.to_twophase_file().is_some()),
                 ("control", k.is_controlfile_key()),
                 ("checkpoint", k.is_checkpoint_key()),
+                ("lastcommit", k.is_last_commit_key()),
             ];
             for (name, hit) in checks {
                 if hit {
@@ -641,6 +655,7 @@ mod tests {
             "twophasefile",
             "control",
             "checkpoint",
+            "lastcommit",
         ];
         for (k, name) in all.iter().zip(expected) {
             assert_eq!(classify(k), vec![name], "{k:?}");

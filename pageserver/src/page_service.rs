@@ -2,11 +2,20 @@
 //!
 //! - `pagestream <tenant_id> <timeline_id>`: COPY BOTH of `pageserver_api::pagestream` requests
 //!   and responses (GetPage@LSN, Nblocks, Exists, DbSize, GetSlruSegment);
-//! - `basebackup <tenant_id> <timeline_id> [lsn]`: COPY OUT of a compute start tarball (DESIGN D4);
-//! - `fullbackup <tenant_id> <timeline_id> [lsn]`: the same with every relation file.
+//! - `basebackup <tenant_id> <timeline_id> [lsn [prev_lsn]]`: COPY OUT of a compute start tarball
+//!   (DESIGN D4);
+//! - `fullbackup <tenant_id> <timeline_id> [lsn [prev_lsn]]`: the same with every relation file.
+//!
+//! `prev_lsn` is the start of the record ending at `lsn` (the backup's checkpoint record's
+//! `xl_prev`). The timeline knows it at its last record LSN and at the end of every commit
+//! record (the LSNs `get_lsn_by_timestamp` returns; see `Timeline::get_prev_record_lsn_at`),
+//! and a branch made at either knows it at its start; elsewhere a caller that knows it (from the
+//! WAL) passes it.
 //!
 //! A request waits (bounded) until ingest has reached its LSN; errors travel back as
-//! pagestream Error responses naming what was asked, and the stream stays usable.
+//! pagestream Error responses naming what was asked, and the stream stays usable. A malformed
+//! request ends the stream with an ErrorResponse (the session goes on). Failures that are the
+//! pageserver's own (a damaged layer file, a failed redo) are also logged as errors.
 
 use std::sync::Arc;
 
@@ -15,10 +24,11 @@ use pageserver_api::pagestream::{PagestreamRequest, PagestreamResponse, RelTagWi
 use postgres_ffi::slru::SlruKind;
 use postgres_ffi::RelTag;
 use pq_proto::{CopyMessage, PostgresBackend, QueryError, QueryHandler, SqlState, UserError};
-use tracing::debug;
+use tracing::{debug, error};
 use utils::{Lsn, TenantId, TimelineId};
 
-use crate::basebackup::{write_basebackup, BackupKind};
+use crate::basebackup::{write_basebackup, BackupKind, BasebackupError};
+use crate::pgdatadir_mapping::DatadirError;
 use crate::tenant::timeline::Timeline;
 use crate::tenant_mgr::TenantManager;
 
@@ -54,21 +64,26 @@ impl QueryHandler for PageServiceHandler {
                 let tl = self.timeline(tenant, timeline)?;
                 pagestream(pgb, tl, self.mgr.conf.wait_lsn_timeout).await
             }
-            [cmd @ ("basebackup" | "fullbackup"), tenant, timeline, rest @ ..] if rest.len() <= 1 => {
+            [cmd @ ("basebackup" | "fullbackup"), tenant, timeline, rest @ ..] if rest.len() <= 2 => {
                 let tl = self.timeline(tenant, timeline)?;
+                let parse = |s: &str| {
+                    s.parse::<Lsn>().map_err(|e| user_err(SqlState::INVALID_PARAMETER_VALUE, e.to_string()))
+                };
                 let lsn = match rest.first() {
-                    Some(s) if *s != "latest" => Some(
-                        s.parse::<Lsn>().map_err(|e| user_err(SqlState::INVALID_PARAMETER_VALUE, e.to_string()))?,
-                    ),
+                    Some(s) if *s != "latest" => Some(parse(s)?),
                     _ => None,
                 };
+                let prev_lsn = rest.get(1).map(|s| parse(s)).transpose()?;
+                if prev_lsn.is_some() && lsn.is_none() {
+                    return Err(user_err(SqlState::INVALID_PARAMETER_VALUE, "prev_lsn needs an explicit lsn"));
+                }
                 let kind = if *cmd == "fullbackup" { BackupKind::Full } else { BackupKind::Compute };
-                basebackup(pgb, tl, lsn, kind, self.mgr.conf.wait_lsn_timeout).await
+                basebackup(pgb, tl, lsn, prev_lsn, kind, self.mgr.conf.wait_lsn_timeout).await
             }
             _ => Err(user_err(
                 SqlState::FEATURE_NOT_SUPPORTED,
                 format!(
-                    "pageserver does not understand '{}': use pagestream, basebackup or fullbackup <tenant_id> <timeline_id>",
+                    "pageserver does not understand '{}': use pagestream, basebackup or fullbackup <tenant_id> <timeline_id> [lsn [prev_lsn]]",
                     query.chars().take(80).collect::<String>()
                 ),
             )),
@@ -110,23 +125,21 @@ async fn handle_request(tl: &Arc<Timeline>, req: PagestreamRequest, wait: std::t
         return PagestreamResponse::Error { request_id, message: e.to_string() };
     }
     let tl = tl.clone();
-    let r = tokio::task::spawn_blocking(move || -> Result<PagestreamResponse, String> {
+    let tl_id = tl.timeline_id();
+    let r = tokio::task::spawn_blocking(move || -> Result<PagestreamResponse, DatadirError> {
         Ok(match req {
-            PagestreamRequest::Exists { rel: r, .. } => PagestreamResponse::Exists {
-                request_id,
-                exists: tl.get_rel_exists(rel(r), lsn).map_err(|e| e.to_string())?,
-            },
-            PagestreamRequest::Nblocks { rel: r, .. } => PagestreamResponse::Nblocks {
-                request_id,
-                n_blocks: tl.get_rel_size(rel(r), lsn).map_err(|e| e.to_string())?,
-            },
-            PagestreamRequest::GetPage { rel: r, blkno, .. } => PagestreamResponse::Page {
-                request_id,
-                page: tl.get_rel_page_at_lsn(rel(r), blkno, lsn).map_err(|e| e.to_string())?,
-            },
+            PagestreamRequest::Exists { rel: r, .. } => {
+                PagestreamResponse::Exists { request_id, exists: tl.get_rel_exists(rel(r), lsn)? }
+            }
+            PagestreamRequest::Nblocks { rel: r, .. } => {
+                PagestreamResponse::Nblocks { request_id, n_blocks: tl.get_rel_size(rel(r), lsn)? }
+            }
+            PagestreamRequest::GetPage { rel: r, blkno, .. } => {
+                PagestreamResponse::Page { request_id, page: tl.get_rel_page_at_lsn(rel(r), blkno, lsn)? }
+            }
             PagestreamRequest::DbSize { dbnode, .. } => PagestreamResponse::DbSize {
                 request_id,
-                db_size_bytes: tl.get_db_size(DEFAULT_TABLESPACE_OID, dbnode, lsn).map_err(|e| e.to_string())? as i64,
+                db_size_bytes: tl.get_db_size(DEFAULT_TABLESPACE_OID, dbnode, lsn)? as i64,
             },
             PagestreamRequest::GetSlruSegment { kind, segno, .. } => {
                 let kind = match kind {
@@ -134,19 +147,22 @@ async fn handle_request(tl: &Arc<Timeline>, req: PagestreamRequest, wait: std::t
                     WireSlruKind::MultiXactMembers => SlruKind::MultiXactMembers,
                     WireSlruKind::MultiXactOffsets => SlruKind::MultiXactOffsets,
                 };
-                PagestreamResponse::SlruSegment {
-                    request_id,
-                    segment: tl.get_slru_segment(kind, segno, lsn).map_err(|e| e.to_string())?,
-                }
+                PagestreamResponse::SlruSegment { request_id, segment: tl.get_slru_segment(kind, segno, lsn)? }
             }
         })
     })
     .await;
     match r {
         Ok(Ok(resp)) => resp,
-        Ok(Err(message)) => {
-            debug!("pagestream request {request_id} failed: {message}");
-            PagestreamResponse::Error { request_id, message }
+        Ok(Err(e)) => {
+            // A damaged layer file or a failed redo is the pageserver's problem: log it where
+            // operators look. A request for something that does not exist is the client's.
+            if e.is_server_fault() {
+                error!("pagestream request {request_id} on timeline {tl_id} at {lsn} failed: {e}");
+            } else {
+                debug!("pagestream request {request_id} failed: {e}");
+            }
+            PagestreamResponse::Error { request_id, message: e.to_string() }
         }
         Err(e) => PagestreamResponse::Error { request_id, message: format!("internal error: {e}") },
     }
@@ -156,6 +172,7 @@ async fn basebackup(
     pgb: &mut PostgresBackend,
     tl: Arc<Timeline>,
     lsn: Option<Lsn>,
+    prev_lsn: Option<Lsn>,
     kind: BackupKind,
     wait: std::time::Duration,
 ) -> Result<(), QueryError> {
@@ -166,14 +183,26 @@ async fn basebackup(
         }
         None => tl.get_last_record_lsn(),
     };
-    let prev = if lsn == tl.get_last_record_lsn() { tl.get_prev_record_lsn() } else { None };
+    let tl_id = tl.timeline_id();
     let tar: Vec<u8> = tokio::task::spawn_blocking(move || {
+        // Known at the last record and at commit ends (e.g. an LSN from get_lsn_by_timestamp).
+        let prev = prev_lsn.or_else(|| tl.get_prev_record_lsn_at(lsn));
         let mut buf = Vec::new();
         write_basebackup(&mut buf, &tl, lsn, prev, kind).map(|_| buf)
     })
     .await
     .map_err(|e| user_err(SqlState::INTERNAL_ERROR, e.to_string()))?
-    .map_err(|e| user_err(SqlState::INTERNAL_ERROR, format!("basebackup at {lsn}: {e}")))?;
+    .map_err(|e| {
+        let server_fault = match &e {
+            BasebackupError::Read { source, .. } => source.is_server_fault(),
+            BasebackupError::Corrupt { .. } => true,
+            BasebackupError::InvalidRequest { .. } | BasebackupError::Io { .. } => false,
+        };
+        if server_fault {
+            error!("{kind:?} backup of timeline {tl_id} at {lsn} failed: {e}");
+        }
+        user_err(SqlState::INTERNAL_ERROR, format!("basebackup at {lsn}: {e}"))
+    })?;
     pgb.start_copy_out().await?;
     for chunk in Bytes::from(tar).chunks(64 * 1024) {
         pgb.write_copy_data(chunk).await?;

@@ -12,6 +12,9 @@
 //! - relmapper file, twophase file, control file, checkpoint: the bytes Postgres keeps (a
 //!   `pg_filenode.map`; a two-phase state file *without* its trailing crc32c, which is the body
 //!   of the `PREPARE` record; `pg_control`; a `CheckPoint` struct);
+//! - last commit: a [`LastCommit`] (timestamp and LSNs of the latest commit record), rewritten
+//!   by ingest at every commit, so its versions index commit time by LSN (see
+//!   [`Timeline::find_lsn_by_timestamp`]);
 //! - directories, always stored as whole images:
 //!
 //! ```text
@@ -33,7 +36,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::{BufMut, Bytes, BytesMut};
 use postgres_ffi::reltag::MAX_FORKNUM;
 use postgres_ffi::slru::SlruKind;
-use postgres_ffi::{BlockNumber, Oid, RelTag, TransactionId, BLCKSZ, INVALID_BLOCK_NUMBER};
+use postgres_ffi::{BlockNumber, Oid, RelTag, TimestampTz, TransactionId, BLCKSZ, INVALID_BLOCK_NUMBER};
 use utils::{Lsn, TimelineId};
 
 use crate::key::Key;
@@ -197,6 +200,19 @@ impl DatadirError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, DatadirError::NotFound { .. })
     }
+
+    /// True if the read failed because of the pageserver's own state (a damaged or unreadable
+    /// layer file, a failed WAL redo, stored values that do not decode), not because of what
+    /// was asked (an object that does not exist, history below the GC cutoff). Servers log
+    /// these as errors: someone must look.
+    pub fn is_server_fault(&self) -> bool {
+        use crate::tenant::timeline::GetErrorReason;
+        match self {
+            DatadirError::Get(e) => !matches!(e.reason, GetErrorReason::Missing | GetErrorReason::BelowGcCutoff { .. }),
+            DatadirError::Corrupt { .. } | DatadirError::Timeline(_) => true,
+            DatadirError::NotFound { .. } | DatadirError::InvalidChange { .. } => false,
+        }
+    }
 }
 
 fn check_rel(rel: RelTag) -> Result<(), String> {
@@ -207,6 +223,96 @@ fn check_rel(rel: RelTag) -> Result<(), String> {
         return Err(format!("relation {rel} has invalid fork number {}", rel.forknum));
     }
     Ok(())
+}
+
+/// The value under [`Key::last_commit`]: the latest transaction commit record (one that set
+/// clog bits) at or below the LSN it is read at.
+///
+/// ```text
+///  u8 format version (1) | i64 timestamp | i64 max_timestamp | u64 start LSN | u64 end LSN  (BE)
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastCommit {
+    /// The commit record's `xact_time`.
+    pub timestamp: TimestampTz,
+    /// The largest `xact_time` of this and every earlier commit: monotonic in LSN even when
+    /// commit records reach the WAL slightly out of timestamp order.
+    pub max_timestamp: TimestampTz,
+    /// Where the commit record starts (the `xl_prev` of the record after it).
+    pub start_lsn: Lsn,
+    /// Where it ends: the LSN ingest wrote its changes at.
+    pub end_lsn: Lsn,
+}
+
+const LAST_COMMIT_FORMAT_VERSION: u8 = 1;
+const LAST_COMMIT_SIZE_BYTES: usize = 1 + 8 + 8 + 8 + 8;
+
+impl LastCommit {
+    pub fn encode(&self) -> Bytes {
+        let mut buf = BytesMut::with_capacity(LAST_COMMIT_SIZE_BYTES);
+        buf.put_u8(LAST_COMMIT_FORMAT_VERSION);
+        buf.put_i64(self.timestamp);
+        buf.put_i64(self.max_timestamp);
+        buf.put_u64(self.start_lsn.0);
+        buf.put_u64(self.end_lsn.0);
+        buf.freeze()
+    }
+
+    /// Decodes a stored value; never panics on bad bytes.
+    pub fn decode(b: &[u8]) -> Result<LastCommit, String> {
+        if b.len() != LAST_COMMIT_SIZE_BYTES {
+            return Err(format!("{} bytes, expected {LAST_COMMIT_SIZE_BYTES}", b.len()));
+        }
+        if b[0] != LAST_COMMIT_FORMAT_VERSION {
+            return Err(format!("format version {}, expected {LAST_COMMIT_FORMAT_VERSION}", b[0]));
+        }
+        let u64_at = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().expect("length checked"));
+        let c = LastCommit {
+            timestamp: u64_at(1) as i64,
+            max_timestamp: u64_at(9) as i64,
+            start_lsn: Lsn(u64_at(17)),
+            end_lsn: Lsn(u64_at(25)),
+        };
+        if c.start_lsn >= c.end_lsn || c.max_timestamp < c.timestamp {
+            return Err(format!("inconsistent fields {c:?}"));
+        }
+        Ok(c)
+    }
+}
+
+/// Answer of [`Timeline::find_lsn_by_timestamp`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LsnForTimestamp {
+    /// The end of the last commit at or before the time.
+    Present(Lsn),
+    /// The time is before the first commit: the initdb LSN (or the GC cutoff, if history
+    /// before the time is gone).
+    Past(Lsn),
+    /// The time is after the last commit: the last record LSN.
+    Future(Lsn),
+    /// No commit at all: the last record LSN.
+    NoData(Lsn),
+}
+
+impl LsnForTimestamp {
+    pub fn lsn(&self) -> Lsn {
+        match *self {
+            LsnForTimestamp::Present(l)
+            | LsnForTimestamp::Past(l)
+            | LsnForTimestamp::Future(l)
+            | LsnForTimestamp::NoData(l) => l,
+        }
+    }
+
+    /// The `kind` of the HTTP answer.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LsnForTimestamp::Present(_) => "present",
+            LsnForTimestamp::Past(_) => "past",
+            LsnForTimestamp::Future(_) => "future",
+            LsnForTimestamp::NoData(_) => "nodata",
+        }
+    }
 }
 
 // --- read side
@@ -391,6 +497,78 @@ impl Timeline {
     /// The encoded `CheckPoint` kept up to date by ingest (next xid, next oid, ...).
     pub fn get_checkpoint(&self, lsn: Lsn) -> Result<Bytes, DatadirError> {
         self.get_optional(Key::checkpoint(), lsn)?.ok_or_else(|| self.not_found("checkpoint".to_string(), lsn))
+    }
+
+    /// The latest commit at or below `lsn` (here or in an ancestor); `None` before any commit.
+    pub fn get_last_commit(&self, lsn: Lsn) -> Result<Option<LastCommit>, DatadirError> {
+        let key = Key::last_commit();
+        self.get_optional(key, lsn)?
+            .map(|v| LastCommit::decode(&v).map_err(|d| self.corrupt("last commit", key, lsn, d)))
+            .transpose()
+    }
+
+    /// The start LSN of the record ending at `lsn` (the `xl_prev` a backup or branch starting
+    /// at `lsn` needs), when the timeline knows it: at its last record, and at the end of any
+    /// commit record (from [`LastCommit`]), which is where [`Timeline::find_lsn_by_timestamp`]
+    /// points. `None` otherwise, or if the lookup fails.
+    pub fn get_prev_record_lsn_at(&self, lsn: Lsn) -> Option<Lsn> {
+        let record = self.last_record_lsn();
+        if lsn == record.last && record.prev.is_some() {
+            return record.prev;
+        }
+        match self.get_last_commit(lsn) {
+            Ok(Some(c)) if c.end_lsn == lsn => Some(c.start_lsn),
+            _ => None,
+        }
+    }
+
+    /// The LSN at which the database looked as it did at time `timestamp`: the end of the last
+    /// commit record whose (running maximum) commit timestamp is at or before it.
+    ///
+    /// How: every commit rewrites [`Key::last_commit`] at the commit record's end LSN, so
+    /// reading that key at any LSN gives the latest commit at or below it, and its running
+    /// maximum timestamp only grows with the LSN. A binary search over 8-byte-aligned LSNs
+    /// between the initdb LSN (or GC cutoff) and the last record LSN finds the last LSN whose
+    /// latest commit is not after `timestamp`: about log2(WAL bytes / 8) reads of one key.
+    ///
+    /// The maximum (not each commit's own timestamp) is what makes the search well defined:
+    /// Postgres takes the commit time before inserting the commit record, so concurrent commits
+    /// can reach the WAL slightly out of timestamp order. With it, the answer is the end of the
+    /// longest WAL prefix whose commits all happened at or before `timestamp`.
+    pub fn find_lsn_by_timestamp(&self, timestamp: TimestampTz) -> Result<LsnForTimestamp, DatadirError> {
+        let last = self.get_last_record_lsn();
+        let floor = self.initdb_lsn().max(self.get_latest_gc_cutoff_lsn());
+        let Some(newest) = self.get_last_commit(last)? else {
+            return Ok(LsnForTimestamp::NoData(last));
+        };
+        if newest.max_timestamp <= timestamp {
+            return Ok(LsnForTimestamp::Future(last));
+        }
+        let not_after = |lsn: Lsn| -> Result<bool, DatadirError> {
+            Ok(self.get_last_commit(lsn)?.is_none_or(|c| c.max_timestamp <= timestamp))
+        };
+        if floor >= last || !not_after(floor)? {
+            return Ok(LsnForTimestamp::Past(floor));
+        }
+        // Invariant: not_after(lo) && !not_after(hi). Probes are 8-byte aligned (records are).
+        let (mut lo, mut hi) = (floor.0, last.0);
+        while hi - lo > 8 {
+            let mut mid = (lo + (hi - lo) / 2) & !7;
+            if mid <= lo {
+                mid = (lo + 8) & !7;
+            }
+            debug_assert!(lo < mid && mid < hi);
+            if not_after(Lsn(mid))? {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        let lsn = Lsn(lo);
+        Ok(match self.get_last_commit(lsn)? {
+            None => LsnForTimestamp::Past(floor),
+            Some(c) => LsnForTimestamp::Present(c.end_lsn),
+        })
     }
 }
 
@@ -749,6 +927,11 @@ impl<'a> DatadirModification<'a> {
             return Err(self.invalid("empty checkpoint".to_string()));
         }
         self.put(Key::checkpoint(), Value::Image(img))
+    }
+
+    /// Records `commit` as the latest commit (written at the commit record's end LSN).
+    pub fn put_last_commit(&mut self, commit: &LastCommit) -> Result<(), DatadirError> {
+        self.put(Key::last_commit(), Value::Image(commit.encode()))
     }
 
     // --- commit

@@ -5,7 +5,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -157,7 +156,8 @@ impl TenantManager {
     }
 
     /// Creates a timeline: a branch of `ancestor` at `ancestor_lsn` (default: its last record
-    /// LSN), or a fresh one bootstrapped with initdb.
+    /// LSN; a branch point not yet ingested is waited for up to `wait_lsn_timeout`), or a fresh
+    /// one bootstrapped with initdb.
     pub async fn create_timeline(
         self: &Arc<Self>,
         tenant_id: TenantId,
@@ -173,7 +173,7 @@ impl TenantManager {
                 let parent = self.get_timeline(tenant_id, ancestor_id)?;
                 let lsn = lsn.unwrap_or_else(|| parent.get_last_record_lsn());
                 parent
-                    .branch(new_timeline_id, lsn, Duration::from_secs(30))
+                    .branch(new_timeline_id, lsn, self.conf.wait_lsn_timeout)
                     .await
                     .map_err(|e| TenantMgrError::BadRequest(format!("cannot branch from {ancestor_id}: {e}")))?
             }

@@ -20,17 +20,19 @@
 //! - **Storage manager.** Create → relation creation; truncate → the main fork shrinks, and the
 //!   FSM and VM shrink to the blocks Postgres keeps (`FreeSpaceMapPrepareTruncateRel`,
 //!   `visibilitymap_prepare_truncate`). Postgres also clears the entries of the truncated heap
-//!   blocks on the last kept FSM/VM page; ingest zeroes that whole page instead (conservative:
-//!   "no free space known", "not all-visible"; vacuum sets them again). A precise Rust-applied
-//!   record for that is a possible refinement.
+//!   blocks on the last kept FSM/VM page. For the VM, ingest does exactly that: it reads the
+//!   page as of the previous record and stores the result as an image (a recovered standby's VM
+//!   is byte-identical; the page oracle checks it). The FSM page is zeroed whole instead
+//!   (conservative: "no free space known"; the FSM is not WAL-logged and vacuum rebuilds it).
 //! - **Databases.** `FILE_COPY` create copies the template's relations (every fork, size and
 //!   page, read at the previous record's LSN) and relation map; `WAL_LOG` create adds the
 //!   directory (relation map and contents follow as their own records); drop removes every
 //!   relation, the map and the directory entry.
 //! - **Transactions.** Commit/abort set clog bits through [`WalRecord::ClogSetCommitted`] /
-//!   [`WalRecord::ClogSetAborted`] on each clog page involved (the commit timestamp is kept in
-//!   the record for LSN-by-time lookups) and drop the relations the record lists; prepare stores
-//!   the two-phase state (the record's main data); commit/abort prepared removes it.
+//!   [`WalRecord::ClogSetAborted`] on each clog page involved and drop the relations the record
+//!   lists; prepare stores the two-phase state (the record's main data); commit/abort prepared
+//!   removes it. A commit with an xid also rewrites the last-commit key (its timestamp and
+//!   LSNs), the index behind LSN-by-timestamp lookups.
 //! - **SLRUs.** Zero-page records create pages (and segments); truncations drop segments;
 //!   multixact creation stores offsets and members as Rust-applied records.
 //! - **Checkpoint state.** Checkpoint, next-OID and running-xacts records, and every record's
@@ -69,7 +71,7 @@ use postgres_ffi::{
 };
 use utils::{Lsn, TimelineId};
 
-use crate::pgdatadir_mapping::{zero_page, DatadirError, DatadirModification};
+use crate::pgdatadir_mapping::{zero_page, DatadirError, DatadirModification, LastCommit};
 use crate::tenant::timeline::Timeline;
 use crate::value::{MultiXactMember, WalRecord};
 
@@ -121,6 +123,8 @@ pub struct WalIngest {
     checkpoint: CheckPoint,
     checkpoint_modified: bool,
     control_file: Option<ControlFileData>,
+    /// The latest commit ingested (what [`Key::last_commit`](crate::key::Key::last_commit) holds).
+    last_commit: Option<LastCommit>,
 }
 
 impl WalIngest {
@@ -146,7 +150,8 @@ impl WalIngest {
             Err(e) if e.is_not_found() => None,
             Err(e) => return Err(e),
         };
-        Ok(WalIngest { timeline, checkpoint, checkpoint_modified: false, control_file })
+        let last_commit = timeline.get_last_commit(lsn)?;
+        Ok(WalIngest { timeline, checkpoint, checkpoint_modified: false, control_file, last_commit })
     }
 
     pub fn timeline(&self) -> &Arc<Timeline> {
@@ -236,7 +241,7 @@ impl WalIngest {
             self.update_next_xid(top);
         }
         if let Some(body) = parse_record_body(rec)? {
-            self.ingest_body(rec, body, m)?;
+            self.ingest_body(rec, body, end_lsn, m)?;
         }
         for blk in &rec.blocks {
             self.ingest_block(rec, blk, end_lsn, m)?;
@@ -248,6 +253,7 @@ impl WalIngest {
         &mut self,
         rec: &DecodedXLogRecord,
         body: RecordBody,
+        end_lsn: Lsn,
         m: &mut DatadirModification<'_>,
     ) -> Result<(), IngestErrorKind> {
         match body {
@@ -258,7 +264,7 @@ impl WalIngest {
                 self.checkpoint_modified = true;
             }
             RecordBody::Switch | RecordBody::StandbyLocks(_) | RecordBody::XactAssignment(_) => {}
-            RecordBody::XactCompletion(c) => self.ingest_xact_completion(&c, m)?,
+            RecordBody::XactCompletion(c) => self.ingest_xact_completion(rec, end_lsn, &c, m)?,
             RecordBody::XactPrepare(p) => self.ingest_xact_prepare(rec, &p, m)?,
             RecordBody::SmgrCreate(c) => {
                 let rel = c.rnode.with_fork(c.forknum);
@@ -398,6 +404,8 @@ impl WalIngest {
 
     fn ingest_xact_completion(
         &mut self,
+        rec: &DecodedXLogRecord,
+        end_lsn: Lsn,
         c: &XactCompletion,
         m: &mut DatadirModification<'_>,
     ) -> Result<(), IngestErrorKind> {
@@ -409,6 +417,14 @@ impl WalIngest {
                 by_page.entry(clog_xid_to_page(x)).or_default().push(x);
                 self.update_next_xid(x);
             }
+        }
+        // The commit-time index: a commit that made something visible becomes the latest commit
+        // (see `LastCommit` and `Timeline::find_lsn_by_timestamp`).
+        if c.kind.is_commit() && !by_page.is_empty() {
+            let max_timestamp = self.last_commit.map_or(c.xact_time, |l| l.max_timestamp.max(c.xact_time));
+            let commit = LastCommit { timestamp: c.xact_time, max_timestamp, start_lsn: rec.lsn, end_lsn };
+            m.put_last_commit(&commit)?;
+            self.last_commit = Some(commit);
         }
         for (pageno, xids) in by_page {
             let (segno, rpageno) = page_to_segment(pageno);
@@ -486,7 +502,12 @@ impl WalIngest {
                 let (trunc_block, _, _) = vm_bit_location(t.blkno);
                 let new_size = if !t.blkno.is_multiple_of(VM_HEAPBLOCKS_PER_PAGE) {
                     (trunc_block < vm_size).then(|| -> Result<BlockNumber, DatadirError> {
-                        m.put_rel_page_image(vm, trunc_block, zero_page())?;
+                        // Clear only the truncated heap blocks' bits, keeping the others (zeroing
+                        // the whole page lost the all-visible/all-frozen bits of the kept blocks).
+                        let read_lsn = self.timeline.get_last_record_lsn();
+                        let mut page = self.timeline.get_rel_page_at_lsn(vm, trunc_block, read_lsn)?.to_vec();
+                        vm_truncate_page(&mut page, t.blkno);
+                        m.put_rel_page_image(vm, trunc_block, Bytes::from(page))?;
                         Ok(trunc_block + 1)
                     })
                 } else {
@@ -678,6 +699,15 @@ fn extend_rel_to_include(m: &mut DatadirModification<'_>, rel: RelTag, blkno: Bl
         Some(n) if blkno >= n => m.put_rel_extend(rel, blkno + 1),
         Some(_) => Ok(()),
     }
+}
+
+/// `visibilitymap_prepare_truncate` on the VM page holding heap block `heap_blocks`, the first
+/// removed one: clears the bits of every heap block from it to the end of the page. The page LSN
+/// stays (redo does not set it). An all-zero page stays all zeros.
+fn vm_truncate_page(page: &mut [u8], heap_blocks: BlockNumber) {
+    let (_, byte, shift) = vm_bit_location(heap_blocks);
+    page[byte + 1..].fill(0);
+    page[byte] &= (1u8 << shift) - 1;
 }
 
 /// A zeroed SLRU page (`SimpleLruZeroPage` + write): the segment is created or extended to hold it.
@@ -874,6 +904,61 @@ mod tests {
     }
 
     #[test]
+    fn commit_times_index_lsns() {
+        use crate::pgdatadir_mapping::LsnForTimestamp::{Future, NoData, Past, Present};
+        use postgres_ffi::records::xact::XLOG_XACT_ABORT;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tl = setup(dir.path());
+        let mut ingest = WalIngest::new(Arc::clone(&tl)).expect("ingest");
+        assert_eq!(tl.find_lsn_by_timestamp(1000).expect("lookup"), NoData(START));
+        let commit = |xid, ts: i64| RecordSpec::main_data_only(RM_XACT_ID, XLOG_XACT_COMMIT, xid, &ts.to_le_bytes());
+        let noop = || RecordSpec::main_data_only(RM_XLOG_ID, XLOG_NOOP, 0, &[]);
+        let specs = [
+            noop(),
+            commit(800, 1000),
+            noop(),
+            commit(801, 2000),
+            RecordSpec::main_data_only(RM_XACT_ID, XLOG_XACT_ABORT, 804, &2500i64.to_le_bytes()),
+            commit(802, 3000),
+            // Took its commit time before 802 did, but reached the WAL after it.
+            commit(803, 2900),
+            commit(0, 3100), // no xid: sets no clog bit, makes nothing visible
+            noop(),
+            commit(805, 4000),
+            noop(),
+        ];
+        let lsns = ingest_all(&mut ingest, &specs);
+        let end = |i: usize| lsns[i].1;
+        let last = tl.get_last_record_lsn();
+        let find = |ts| tl.find_lsn_by_timestamp(ts).expect("lookup");
+        assert_eq!(find(i64::MIN), Past(START));
+        assert_eq!(find(999), Past(START));
+        assert_eq!(find(1000), Present(end(1)));
+        assert_eq!(find(1999), Present(end(1)));
+        assert_eq!(find(2000), Present(end(3)));
+        assert_eq!(find(2600), Present(end(3)), "an abort is no commit");
+        assert_eq!(find(2950), Present(end(3)), "803 (2900) is behind 802 (3000) in the WAL");
+        assert_eq!(find(3000), Present(end(6)));
+        assert_eq!(find(3999), Present(end(6)), "the commit without xid is not indexed");
+        assert_eq!(find(4000), Future(last));
+        assert_eq!(find(i64::MAX), Future(last));
+        // What a backup or branch at such an LSN needs: the commit record's start.
+        assert_eq!(tl.get_prev_record_lsn_at(end(3)), Some(lsns[3].0));
+        assert_eq!(tl.get_prev_record_lsn_at(end(9)), Some(lsns[9].0));
+        assert_eq!(tl.get_prev_record_lsn_at(end(2)), None, "not a commit end, not the last record");
+        assert_eq!(tl.get_prev_record_lsn_at(last), Some(lsns[10].0));
+        let c = tl.get_last_commit(end(8)).expect("read").expect("a commit");
+        assert_eq!(c, LastCommit { timestamp: 2900, max_timestamp: 3000, start_lsn: lsns[6].0, end_lsn: end(6) });
+        assert_eq!(LastCommit::decode(&c.encode()), Ok(c));
+        assert!(LastCommit::decode(&c.encode()[1..]).is_err());
+        let mut bad_version = c.encode().to_vec();
+        bad_version[0] = 9;
+        assert!(LastCommit::decode(&bad_version).is_err());
+        // A new ingest (after a restart) continues the running maximum.
+        assert_eq!(WalIngest::new(Arc::clone(&tl)).expect("ingest").last_commit.map(|c| c.max_timestamp), Some(4000));
+    }
+
+    #[test]
     fn postgres_predicates() {
         assert!(xid_precedes(5, 6) && !xid_precedes(6, 5));
         assert!(xid_precedes(u32::MAX - 5, 10), "circular for normal xids");
@@ -884,5 +969,22 @@ mod tests {
         assert_eq!(fsm_logical_to_physical(0), 2);
         assert_eq!(fsm_logical_to_physical(1), 3);
         assert_eq!(fsm_logical_to_physical(FSM_SLOTS_PER_PAGE), FSM_SLOTS_PER_PAGE + 3);
+    }
+
+    #[test]
+    fn vm_truncation_keeps_the_kept_blocks_bits() {
+        let mut page = vec![0xFFu8; BLCKSZ];
+        // Heap truncated to 6 blocks: blocks 0..=5 keep their bits, 6 and later lose them.
+        vm_truncate_page(&mut page, 6);
+        let (_, byte, _) = vm_bit_location(6);
+        assert_eq!(page[byte - 1], 0xFF, "heap blocks 0..=3");
+        assert_eq!(page[byte], 0b0000_1111, "heap blocks 4 and 5 kept, 6 and 7 cleared");
+        assert!(page[byte + 1..].iter().all(|b| *b == 0));
+        assert_eq!(&page[..24], &[0xFF; 24], "the page header (LSN included) is left alone");
+        // On the second VM page.
+        let mut page = vec![0xFFu8; BLCKSZ];
+        vm_truncate_page(&mut page, VM_HEAPBLOCKS_PER_PAGE + 1);
+        assert_eq!(page[24], 0b0000_0011);
+        assert!(page[25..].iter().all(|b| *b == 0));
     }
 }

@@ -31,9 +31,10 @@ use pageserver::import_datadir::{
 };
 use pageserver::key::Key;
 use pageserver::pgdatadir_mapping::DatadirModification;
-use pageserver::redo_applier::RustRedoApplier;
+use pageserver::redo_applier::{PostgresRedoApplier, RustRedoApplier};
 use pageserver::tenant::timeline::{TenantConf, Timeline, TimelineResources};
 use pageserver::walingest::WalIngest;
+use pageserver::walredo::{WalRedoConfig, WalRedoManager};
 use postgres_ffi::controlfile::ControlFileData;
 use postgres_ffi::page::page_is_new;
 use postgres_ffi::reltag::FSM_FORKNUM;
@@ -310,7 +311,12 @@ fn ingest_matches_postgres() {
     let (cf, _) = read_control_file(&datadir).expect("pg_control");
     let import_lsn = cf.checkpoint;
     let conf = TenantConf { checkpoint_distance_bytes: 8 << 20, ..TenantConf::default() };
-    let resources = TimelineResources::new(conf, Arc::new(RustRedoApplier));
+    // Ingest reads pages too (a VM page it rebuilds on truncation): the real redo behind it.
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let mut redo_config = WalRedoConfig::new(&install);
+    redo_config.process_count = 2;
+    let manager = Arc::new(WalRedoManager::new(redo_config).unwrap_or_else(|e| panic!("{e}")));
+    let resources = TimelineResources::new(conf, Arc::new(PostgresRedoApplier::new(manager, runtime.handle().clone())));
     let tl = Timeline::create_empty(workdir.path(), TENANT, TIMELINE, import_lsn, 15, resources.clone())
         .expect("create timeline");
     assert_eq!(import_datadir(&tl, &datadir).expect("import"), import_lsn);

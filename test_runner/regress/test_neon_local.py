@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 
 import pytest
@@ -12,7 +13,8 @@ from fixtures.paths import REPO_ROOT, neon_bin, pg_bin
 
 @pytest.fixture
 def repo_env(test_output_dir, daemons):
-    env = dict(os.environ, NEON_REPO_DIR=str(test_output_dir / "neon_repo"))
+    # Shifted ports: the defaults may be taken on a developer's machine.
+    env = dict(os.environ, NEON_REPO_DIR=str(test_output_dir / "neon_repo"), NEON_LOCAL_PORT_OFFSET=str(random.randrange(100, 1500, 10)))
     yield env
     # Stop whatever the CLI started, even after a failure.
     subprocess.run([str(neon_bin("neon_local")), "stop", "--mode", "immediate"], env=env, capture_output=True, timeout=120)

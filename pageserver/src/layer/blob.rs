@@ -74,7 +74,7 @@ pub fn encode_blob(raw: &[u8], zstd_level: Option<i32>) -> ([u8; BLOB_HEADER_SIZ
 pub fn decode_payload(header: &BlobHeader, stored: Vec<u8>) -> Result<Bytes, String> {
     let crc = crc32c::crc32c_append(crc32c::crc32c(&header.len_flags().to_be_bytes()), &stored);
     if crc != header.crc {
-        return Err(format!("crc32c mismatch (stored {:08x}, computed {crc:08x})", header.crc));
+        return Err(format!("checksum (crc32c) mismatch: stored {:08x}, computed {crc:08x}", header.crc));
     }
     if !header.compressed {
         return Ok(Bytes::from(stored));

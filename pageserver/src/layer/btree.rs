@@ -145,7 +145,7 @@ pub fn check_node(block: &Block, blkno: u32, shape: &IndexShape) -> Result<(), S
     let stored_crc = u32::from_be_bytes([block[0], block[1], block[2], block[3]]);
     let actual_crc = crc32c::crc32c(&block[4..]);
     if stored_crc != actual_crc {
-        return Err(format!("crc32c mismatch (stored {stored_crc:08x}, computed {actual_crc:08x})"));
+        return Err(format!("checksum (crc32c) mismatch: stored {stored_crc:08x}, computed {actual_crc:08x}"));
     }
     let Some((level, node)) = shape.locate(blkno) else {
         return Err("block is not part of the index".to_string());

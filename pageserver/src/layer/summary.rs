@@ -91,7 +91,9 @@ impl Summary {
         let stored_crc = be_u32(block, SUMMARY_BODY_SIZE_BYTES);
         let actual_crc = crc32c::crc32c(&block[..SUMMARY_BODY_SIZE_BYTES]);
         if stored_crc != actual_crc {
-            return Err(format!("summary block: crc32c mismatch (stored {stored_crc:08x}, computed {actual_crc:08x})"));
+            return Err(format!(
+                "summary block: checksum (crc32c) mismatch: stored {stored_crc:08x}, computed {actual_crc:08x}"
+            ));
         }
         let version = u16::from_be_bytes([block[4], block[5]]);
         if version != LAYER_FORMAT_VERSION {

@@ -663,15 +663,15 @@ impl Timeline {
                 self.get_last_record_lsn()
             )));
         }
-        let record = self.last_record_lsn();
         let parent_dir = self.dir.parent().ok_or_else(|| {
             TimelineError::Invalid(format!("timeline directory {} has no parent", self.dir.display()))
         })?;
         let dir = parent_dir.join(new_timeline_id.to_string());
         let child_md = TimelineMetadata {
             disk_consistent_lsn: ancestor_lsn,
-            // Only known when branching exactly at the last record.
-            prev_record_lsn: if record.last == ancestor_lsn { record.prev } else { None },
+            // Known at the last record and at the end of a commit (where a branch at a point in
+            // time is made); elsewhere the branch cannot start a compute without it.
+            prev_record_lsn: self.get_prev_record_lsn_at(ancestor_lsn),
             ancestor_timeline: Some(self.timeline_id),
             ancestor_lsn,
             latest_gc_cutoff_lsn: md.latest_gc_cutoff_lsn,
