@@ -52,6 +52,10 @@ pub struct Config {
     /// Added to every default port (`NEON_LOCAL_PORT_OFFSET` at init), to run beside another stack.
     #[serde(default)]
     pub port_offset: u16,
+    /// First port tried for endpoints (`NEON_LOCAL_ENDPOINT_PORT_BASE` at init; default 55432
+    /// plus the offset); their HTTP ports start at 3080 plus the offset.
+    #[serde(default)]
+    pub endpoint_port_base: Option<u16>,
     pub bin_dir: PathBuf,
     pub pageserver: PageserverConf,
     pub safekeepers: Vec<SafekeeperConf>,
@@ -160,6 +164,10 @@ impl Env {
         let conf = Config {
             pg_install,
             port_offset: off,
+            endpoint_port_base: match std::env::var("NEON_LOCAL_ENDPOINT_PORT_BASE") {
+                Ok(v) => Some(v.parse().context("NEON_LOCAL_ENDPOINT_PORT_BASE must be a port number")?),
+                Err(_) => None,
+            },
             bin_dir,
             pageserver: PageserverConf { pg_port: 64000 + off, http_port: 9898 + off },
             safekeepers: (1..=num_safekeepers)
@@ -556,15 +564,24 @@ impl Env {
             bail!("branch '{branch}' already has endpoint '{other}': a branch has one primary; create a branch for another one");
         }
         let used: Vec<u16> = self.conf.endpoints.values().flat_map(|e| [e.pg_port, e.http_port]).collect();
-        let pick = |given: Option<u16>, base: u16| -> u16 {
-            given.unwrap_or_else(|| (base..base + 1000).find(|p| !used.contains(p)).unwrap_or(base))
+        // The first port not taken by another endpoint and free right now.
+        let pick = |given: Option<u16>, base: u16, other: Option<u16>| -> u16 {
+            given.unwrap_or_else(|| {
+                (base..base.saturating_add(1000))
+                    .find(|p| !used.contains(p) && Some(*p) != other && port_free(*p))
+                    .unwrap_or(base)
+            })
         };
         let ep = EndpointConf {
             tenant_id: t,
             timeline_id: tl,
             branch: branch.into(),
-            pg_port: pick(pg_port, 55432 + self.conf.port_offset),
-            http_port: pick(http_port, 3080 + self.conf.port_offset),
+            pg_port: pick(pg_port, self.conf.endpoint_port_base.unwrap_or(55432 + self.conf.port_offset), None),
+            http_port: pick(
+                http_port,
+                self.conf.endpoint_port_base.map_or(3080 + self.conf.port_offset, |b| b.saturating_add(500)),
+                pg_port,
+            ),
         };
         let spec = serde_json::json!({
             "tenant_id": t,

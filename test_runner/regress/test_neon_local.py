@@ -12,9 +12,15 @@ from fixtures.paths import REPO_ROOT, neon_bin, pg_bin
 
 
 @pytest.fixture
-def repo_env(test_output_dir, daemons):
-    # Shifted ports: the defaults may be taken on a developer's machine.
-    env = dict(os.environ, NEON_REPO_DIR=str(test_output_dir / "neon_repo"), NEON_LOCAL_PORT_OFFSET=str(random.randrange(100, 1500, 10)))
+def repo_env(test_output_dir, daemons, port_allocator):
+    # Shifted daemon ports (the defaults may be taken on a developer's machine), and endpoint
+    # ports below the kernel's ephemeral range, where client connections cannot occupy them.
+    env = dict(
+        os.environ,
+        NEON_REPO_DIR=str(test_output_dir / "neon_repo"),
+        NEON_LOCAL_PORT_OFFSET=str(random.randrange(100, 1500, 10)),
+        NEON_LOCAL_ENDPOINT_PORT_BASE=str(port_allocator.get()),
+    )
     yield env
     # Stop whatever the CLI started, even after a failure.
     subprocess.run([str(neon_bin("neon_local")), "stop", "--mode", "immediate"], env=env, capture_output=True, timeout=120)
