@@ -27,9 +27,7 @@ use common::{free_port, Cluster};
 use pageserver::basebackup::{write_basebackup, BackupKind, BasebackupError};
 use pageserver::import_datadir::{import_datadir, read_control_file, run_initdb, PgOsUser};
 use pageserver::key::Key;
-use pageserver::redo_applier::PostgresRedoApplier;
 use pageserver::tenant::timeline::{TenantConf, Timeline, TimelineResources};
-use pageserver::walredo::{WalRedoConfig, WalRedoManager};
 use postgres_ffi::controlfile::ControlFileData;
 use postgres_ffi::xlog_page::skip_page_header;
 use postgres_ffi::{DbState, RelTag, DEFAULTTABLESPACE_OID, WAL_SEGMENT_SIZE};
@@ -141,11 +139,9 @@ fn basebackup_full_and_compute_with_postgres() {
     run_initdb(&install, "cloud_admin", &datadir, os_user.as_ref()).expect("initdb");
 
     // The timeline, with the real Postgres redo behind its read path.
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let mut redo_config = WalRedoConfig::new(&install);
-    redo_config.process_count = 2;
-    let manager = Arc::new(WalRedoManager::new(redo_config).unwrap_or_else(|e| panic!("{e}")));
-    let redo = Arc::new(PostgresRedoApplier::new(Arc::clone(&manager), runtime.handle().clone()));
+    let real_redo = common::RealRedo::start(&install);
+    let (runtime, manager) = (&real_redo.runtime, &real_redo.manager);
+    let redo = Arc::new(real_redo.applier());
     let conf = TenantConf { checkpoint_distance_bytes: 8 << 20, ..TenantConf::default() };
     let workdir = tempfile::tempdir().expect("workdir");
     let (cf, _) = read_control_file(&datadir).expect("pg_control");

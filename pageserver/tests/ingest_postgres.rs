@@ -23,7 +23,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use pageserver::import_datadir::{
@@ -31,10 +31,9 @@ use pageserver::import_datadir::{
 };
 use pageserver::key::Key;
 use pageserver::pgdatadir_mapping::DatadirModification;
-use pageserver::redo_applier::{PostgresRedoApplier, RustRedoApplier};
+use pageserver::redo_applier::RustRedoApplier;
 use pageserver::tenant::timeline::{TenantConf, Timeline, TimelineResources};
 use pageserver::walingest::WalIngest;
-use pageserver::walredo::{WalRedoConfig, WalRedoManager};
 use postgres_ffi::controlfile::ControlFileData;
 use postgres_ffi::page::page_is_new;
 use postgres_ffi::reltag::FSM_FORKNUM;
@@ -48,25 +47,13 @@ use postgres_ffi::{
 };
 use utils::{Lsn, TenantId, TimelineId};
 
+// Its own `Cluster` differs in shape from `common::Cluster`; the rest is shared.
+#[allow(dead_code)]
+mod common;
+use common::{free_port, output, pg_install_dir};
+
 const TENANT: TenantId = TenantId([0x7E; 16]);
 const TIMELINE: TimelineId = TimelineId([0x71; 16]);
-
-fn pg_install_dir() -> PathBuf {
-    let dir = match std::env::var_os("PG_INSTALL_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../pg_install"),
-    };
-    assert!(
-        dir.join("bin/postgres").exists(),
-        "Postgres 15 build not found at {}: run postgres/build.sh in the workspace root (or set PG_INSTALL_DIR)",
-        dir.display()
-    );
-    dir
-}
-
-fn output(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"))
-}
 
 /// The cluster under test; dropping it stops Postgres (`-m immediate`) if still running.
 struct Cluster {
@@ -141,10 +128,6 @@ impl Drop for Cluster {
                 .status();
         }
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 
 const WORKLOAD: &str = r#"
@@ -312,11 +295,8 @@ fn ingest_matches_postgres() {
     let import_lsn = cf.checkpoint;
     let conf = TenantConf { checkpoint_distance_bytes: 8 << 20, ..TenantConf::default() };
     // Ingest reads pages too (a VM page it rebuilds on truncation): the real redo behind it.
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let mut redo_config = WalRedoConfig::new(&install);
-    redo_config.process_count = 2;
-    let manager = Arc::new(WalRedoManager::new(redo_config).unwrap_or_else(|e| panic!("{e}")));
-    let resources = TimelineResources::new(conf, Arc::new(PostgresRedoApplier::new(manager, runtime.handle().clone())));
+    let real_redo = common::RealRedo::start(&install);
+    let resources = TimelineResources::new(conf, Arc::new(real_redo.applier()));
     let tl = Timeline::create_empty(workdir.path(), TENANT, TIMELINE, import_lsn, 15, resources.clone())
         .expect("create timeline");
     assert_eq!(import_datadir(&tl, &datadir).expect("import"), import_lsn);

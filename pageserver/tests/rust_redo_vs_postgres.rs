@@ -39,11 +39,11 @@ use common::{free_port, Cluster};
 use pageserver::import_datadir::{import_datadir, read_control_file, run_initdb, PgOsUser};
 use pageserver::key::Key;
 use pageserver::pgdatadir_mapping::DatadirModification;
-use pageserver::redo_applier::{PostgresRedoApplier, RedoApplier};
+use pageserver::redo_applier::RedoApplier;
 use pageserver::tenant::timeline::{TenantConf, Timeline, TimelineResources};
 use pageserver::value::WalRecord;
 use pageserver::walingest::WalIngest;
-use pageserver::walredo::{BufferTag, WalRedoConfig, WalRedoManager};
+use pageserver::walredo::BufferTag;
 use postgres_ffi::records::heap::vm_bits_cleared;
 use postgres_ffi::reltag::VISIBILITYMAP_FORKNUM;
 use postgres_ffi::rmgr::RM_HEAP_ID;
@@ -128,17 +128,15 @@ fn rust_applied_records_match_postgres() {
     let datadir = dir.path().join("data");
     run_initdb(&install, "cloud_admin", &datadir, os_user.as_ref()).expect("initdb");
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let mut redo_config = WalRedoConfig::new(&install);
-    redo_config.process_count = 2;
-    let manager = Arc::new(WalRedoManager::new(redo_config).unwrap_or_else(|e| panic!("{e}")));
-    let applier = PostgresRedoApplier::new(Arc::clone(&manager), runtime.handle().clone());
+    let real_redo = common::RealRedo::start(&install);
+    let (runtime, manager) = (&real_redo.runtime, &real_redo.manager);
+    let applier = real_redo.applier();
     let workdir = tempfile::tempdir().expect("workdir");
     let (cf, _) = read_control_file(&datadir).expect("pg_control");
     let import_lsn = cf.checkpoint;
     let resources = TimelineResources::new(
         TenantConf { checkpoint_distance_bytes: 8 << 20, ..TenantConf::default() },
-        Arc::new(PostgresRedoApplier::new(Arc::clone(&manager), runtime.handle().clone())),
+        Arc::new(real_redo.applier()),
     );
     let tl = Timeline::create_empty(workdir.path(), TENANT, TIMELINE, import_lsn, 15, resources).expect("timeline");
     assert_eq!(import_datadir(&tl, &datadir).expect("import"), import_lsn);

@@ -1,8 +1,7 @@
 //! Helpers for tests that run our Postgres build: where it is installed, a cluster run as the
 //! unprivileged OS user when we are root, and ingest of the WAL a cluster wrote.
 //!
-//! The same helpers (first written in `ingest_postgres.rs`) live here for new test binaries;
-//! `ingest_postgres.rs` keeps its own copy for now.
+//! `ingest_postgres.rs` still has its own `Cluster` (a different shape); it shares the rest.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -11,8 +10,10 @@ use std::sync::Arc;
 
 use pageserver::import_datadir::{postgres_command, PgOsUser};
 use pageserver::pgdatadir_mapping::DatadirModification;
+use pageserver::redo_applier::PostgresRedoApplier;
 use pageserver::tenant::timeline::Timeline;
 use pageserver::walingest::WalIngest;
+use pageserver::walredo::{WalRedoConfig, WalRedoManager};
 use postgres_ffi::xlog_file::parse_xlog_file_name;
 use postgres_ffi::{decode_record, WalStreamDecoder, WAL_SEGMENT_SIZE};
 use utils::Lsn;
@@ -173,4 +174,26 @@ pub fn ingest_wal(tl: &Arc<Timeline>, datadir: &Path, start_lsn: Lsn, last_recor
         }
     }
     panic!("the WAL does not reach the record at {last_record_start}");
+}
+
+/// The real Postgres WAL redo for a test: a pool of two redo processes and the runtime it runs on.
+pub struct RealRedo {
+    pub runtime: tokio::runtime::Runtime,
+    pub manager: Arc<WalRedoManager>,
+}
+
+impl RealRedo {
+    pub fn start(install: &Path) -> RealRedo {
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        let mut redo_config = WalRedoConfig::new(install);
+        redo_config.process_count = 2;
+        let manager = Arc::new(WalRedoManager::new(redo_config).unwrap_or_else(|e| panic!("{e}")));
+        RealRedo { runtime, manager }
+    }
+
+    /// A `RedoApplier` for a timeline's read path.
+    pub fn applier(&self) -> PostgresRedoApplier {
+        PostgresRedoApplier::new(Arc::clone(&self.manager), self.runtime.handle().clone())
+    }
 }
