@@ -7,7 +7,7 @@ import pwd
 import subprocess
 import sys
 
-from fixtures.daemons import Daemon, DaemonSet
+from fixtures.daemons import Daemon, DaemonSet, live_group_members
 from fixtures.osuser import IS_ROOT, pg_os_user
 from fixtures.paths import REPO_ROOT, pg_install_dir
 
@@ -62,5 +62,5 @@ def test_teardown_stops_daemons_and_their_children(tmp_path):
     pgid = d.proc.pid
     ds.stop_all()
     assert not d.is_running()
-    left = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout.split()
+    left = live_group_members(pgid)
     assert left == [], f"processes left in group {pgid}: {left}"
