@@ -38,11 +38,21 @@ pub struct EndpointConf {
     pub branch: String,
     pub pg_port: u16,
     pub http_port: u16,
+    /// A read-only endpoint at this LSN; `None` for the branch's primary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub static_lsn: Option<Lsn>,
 }
 
 impl EndpointConf {
     pub fn connstr(&self) -> String {
         format!("postgresql://cloud_admin@127.0.0.1:{}/postgres", self.pg_port)
+    }
+
+    pub fn mode_desc(&self) -> String {
+        match self.static_lsn {
+            Some(l) => format!("static at {l}"),
+            None => "primary".into(),
+        }
     }
 }
 
@@ -87,27 +97,53 @@ fn port_free(port: u16) -> bool {
     TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
-fn http_get(url: &str) -> anyhow::Result<serde_json::Value> {
-    let r = ureq::get(url).timeout(Duration::from_secs(10)).call();
-    match r {
-        Ok(resp) => Ok(resp.into_json()?),
-        Err(ureq::Error::Status(code, resp)) => bail!("{url}: {code}: {}", resp.into_string().unwrap_or_default()),
-        Err(e) => bail!("{url}: {e}"),
-    }
+/// Who answers an HTTP call, for error messages: its name and the command that starts it.
+#[derive(Clone)]
+pub struct Peer {
+    pub name: String,
+    pub start_cmd: String,
 }
 
-fn http_post(url: &str, body: serde_json::Value) -> anyhow::Result<serde_json::Value> {
-    match ureq::post(url).timeout(Duration::from_secs(180)).send_json(body) {
-        Ok(resp) => Ok(resp.into_json()?),
-        Err(ureq::Error::Status(code, resp)) => {
+fn api_error(peer: &Peer, url: &str, e: ureq::Error) -> anyhow::Error {
+    match e {
+        ureq::Error::Status(code, resp) => {
             let text = resp.into_string().unwrap_or_default();
             let msg = serde_json::from_str::<serde_json::Value>(&text)
                 .ok()
                 .and_then(|v| v.get("msg").and_then(|m| m.as_str()).map(str::to_string))
                 .unwrap_or(text);
-            bail!("{msg} (HTTP {code})")
+            anyhow::anyhow!("{}: {} (HTTP {code})", peer.name, msg.trim())
         }
-        Err(e) => bail!("{url}: {e}; is the daemon running? see 'neon_local status'"),
+        ureq::Error::Transport(t) => {
+            let base = url.split('/').take(3).collect::<Vec<_>>().join("/");
+            anyhow::anyhow!(
+                "{} is not answering at {base} ({}): is the daemon running? start it with '{}'",
+                peer.name,
+                t.kind(),
+                peer.start_cmd
+            )
+        }
+    }
+}
+
+fn http_get(peer: &Peer, url: &str) -> anyhow::Result<serde_json::Value> {
+    match ureq::get(url).timeout(Duration::from_secs(10)).call() {
+        Ok(resp) => Ok(resp.into_json()?),
+        Err(e) => Err(api_error(peer, url, e)),
+    }
+}
+
+fn http_post(peer: &Peer, url: &str, body: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+    match ureq::post(url).timeout(Duration::from_secs(180)).send_json(body) {
+        Ok(resp) => Ok(resp.into_json()?),
+        Err(e) => Err(api_error(peer, url, e)),
+    }
+}
+
+fn http_delete(peer: &Peer, url: &str) -> anyhow::Result<()> {
+    match ureq::delete(url).timeout(Duration::from_secs(30)).call() {
+        Ok(_) => Ok(()),
+        Err(e) => Err(api_error(peer, url, e)),
     }
 }
 
@@ -376,13 +412,100 @@ impl Env {
         Ok(())
     }
 
+    fn ps_peer(&self) -> Peer {
+        Peer { name: "pageserver".into(), start_cmd: "neon_local pageserver start".into() }
+    }
+
+    fn sk_peer(sk: &SafekeeperConf) -> Peer {
+        Peer { name: format!("safekeeper {}", sk.id), start_cmd: format!("neon_local safekeeper start {}", sk.id) }
+    }
+
+    fn ps_get(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        http_get(&self.ps_peer(), &format!("{}{path}", self.ps_http()))
+    }
+
+    fn ps_post(&self, path: &str, body: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        http_post(&self.ps_peer(), &format!("{}{path}", self.ps_http()), body)
+    }
+
+    fn sk_url(sk: &SafekeeperConf, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", sk.http_port)
+    }
+
+    /// Branch name of a timeline, if neon_local knows it.
+    fn branch_name(&self, tenant: TenantId, tl: &str) -> Option<String> {
+        self.conf
+            .branches
+            .get(&tenant.to_string())
+            .and_then(|b| b.iter().find(|(_, id)| id.to_string() == tl).map(|(n, _)| n.clone()))
+    }
+
     pub fn print_status(&self) -> anyhow::Result<()> {
-        println!("{}", self.daemon_status(&self.pageserver_daemon()));
+        let ps = self.pageserver_daemon();
+        println!("{}", self.daemon_status(&ps));
+        let ps_up = Self::read_pid(&ps).is_some();
+        for t in self.conf.branches.keys() {
+            let Ok(tenant) = t.parse::<TenantId>() else { continue };
+            if !ps_up {
+                break;
+            }
+            match self.ps_get(&format!("/v1/tenant/{t}/timeline")) {
+                Ok(infos) => {
+                    for i in infos.as_array().into_iter().flatten() {
+                        let id = i["timeline_id"].as_str().unwrap_or("?");
+                        println!(
+                            "  tenant {t} branch '{}' [{id}]: last record {}, disk consistent {}",
+                            self.branch_name(tenant, id).unwrap_or_else(|| "(unnamed)".into()),
+                            i["last_record_lsn"].as_str().unwrap_or("?"),
+                            i["disk_consistent_lsn"].as_str().unwrap_or("?"),
+                        );
+                    }
+                }
+                Err(e) => println!("  tenant {t}: {e:#}"),
+            }
+        }
         for sk in &self.conf.safekeepers {
-            println!("{}", self.daemon_status(&self.safekeeper_daemon(sk.id)?));
+            let d = self.safekeeper_daemon(sk.id)?;
+            println!("{}", self.daemon_status(&d));
+            if Self::read_pid(&d).is_none() {
+                continue;
+            }
+            for (t, branches) in &self.conf.branches {
+                for (name, tl) in branches {
+                    let url = Self::sk_url(sk, &format!("/v1/tenant/{t}/timeline/{tl}"));
+                    match http_get(&Self::sk_peer(sk), &url) {
+                        Ok(v) => println!(
+                            "  tenant {t} branch '{name}' [{tl}]: commit {}, flush {}, term {}",
+                            v["commit_lsn"].as_str().unwrap_or("?"),
+                            v["flush_lsn"].as_str().unwrap_or("?"),
+                            v["term"]
+                        ),
+                        Err(e) => println!("  tenant {t} branch '{name}' [{tl}]: {e:#}"),
+                    }
+                }
+            }
         }
         for (name, ep) in &self.conf.endpoints {
-            println!("{} ({})", self.daemon_status(&self.endpoint_daemon(name)?), ep.connstr());
+            let d = self.endpoint_daemon(name)?;
+            println!("{}", self.daemon_status(&d));
+            let lsn = if Self::read_pid(&d).is_some() {
+                ureq::get(&d.health_url)
+                    .timeout(Duration::from_secs(2))
+                    .call()
+                    .ok()
+                    .and_then(|r| r.into_json::<serde_json::Value>().ok())
+                    .map(|v| {
+                        format!(
+                            ", compute {} from {}",
+                            v["status"].as_str().unwrap_or("?"),
+                            v["start_lsn"].as_str().unwrap_or("?")
+                        )
+                    })
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            };
+            println!("  {} on branch '{}'{lsn}: {}", ep.mode_desc(), ep.branch, ep.connstr());
         }
         Ok(())
     }
@@ -402,13 +525,34 @@ impl Env {
             .with_context(|| format!("branch '{branch}' does not exist; see 'neon_local timeline list'"))
     }
 
-    fn create_sk_timelines(&self, tenant: TenantId, timeline: TimelineId, start_lsn: Lsn) -> anyhow::Result<()> {
+    /// Every safekeeper must answer before we create anything, so a failure cannot leave a
+    /// timeline on some daemons only.
+    fn check_safekeepers_up(&self) -> anyhow::Result<()> {
         for sk in &self.conf.safekeepers {
-            http_post(
-                &format!("http://127.0.0.1:{}/v1/tenant/{tenant}/timeline", sk.http_port),
+            http_get(&Self::sk_peer(sk), &Self::sk_url(sk, "/v1/status"))?;
+        }
+        Ok(())
+    }
+
+    fn create_sk_timelines(&self, tenant: TenantId, timeline: TimelineId, start_lsn: Lsn) -> anyhow::Result<()> {
+        let mut done = Vec::new();
+        for sk in &self.conf.safekeepers {
+            let r = http_post(
+                &Self::sk_peer(sk),
+                &Self::sk_url(sk, &format!("/v1/tenant/{tenant}/timeline")),
                 serde_json::json!({ "timeline_id": timeline, "start_lsn": start_lsn, "pg_version": 150018 }),
-            )
-            .with_context(|| format!("creating timeline {timeline} on safekeeper {}", sk.id))?;
+            );
+            if let Err(e) = r {
+                // Take back what was created, so no safekeeper keeps a timeline nobody knows.
+                for s in done {
+                    let _ = http_delete(
+                        &Self::sk_peer(s),
+                        &Self::sk_url(s, &format!("/v1/tenant/{tenant}/timeline/{timeline}")),
+                    );
+                }
+                return Err(e.context(format!("creating timeline {timeline} on safekeeper {}", sk.id)));
+            }
+            done.push(sk);
         }
         Ok(())
     }
@@ -421,11 +565,13 @@ impl Env {
     ) -> anyhow::Result<(TenantId, TimelineId)> {
         let t = t.unwrap_or_else(TenantId::generate);
         let tl = tl.unwrap_or_else(TimelineId::generate);
-        http_post(&format!("{}/v1/tenant", self.ps_http()), serde_json::json!({ "tenant_id": t }))?;
-        let info = http_post(
-            &format!("{}/v1/tenant/{t}/timeline", self.ps_http()),
-            serde_json::json!({ "new_timeline_id": tl }),
-        )?;
+        if self.conf.branches.contains_key(&t.to_string()) {
+            bail!("tenant {t} already exists; see 'neon_local tenant list'");
+        }
+        self.ps_get("/v1/status")?;
+        self.check_safekeepers_up()?;
+        self.ps_post("/v1/tenant", serde_json::json!({ "tenant_id": t }))?;
+        let info = self.ps_post(&format!("/v1/tenant/{t}/timeline"), serde_json::json!({ "new_timeline_id": tl }))?;
         let lsn: Lsn = info["last_record_lsn"].as_str().context("no last_record_lsn")?.parse()?;
         self.create_sk_timelines(t, tl, lsn)?;
         self.conf.branches.entry(t.to_string()).or_default().insert("main".into(), tl);
@@ -437,11 +583,93 @@ impl Env {
     }
 
     pub fn list_tenants(&self) -> anyhow::Result<()> {
-        let v = http_get(&format!("{}/v1/tenant", self.ps_http()))?;
+        let v = self.ps_get("/v1/tenant")?;
         for t in v.as_array().into_iter().flatten() {
             let id = t["id"].as_str().unwrap_or("?");
             let default = self.conf.default_tenant.map(|d| d.to_string()) == Some(id.to_string());
             println!("{id} ({} timelines){}", t["timelines"], if default { " default" } else { "" });
+        }
+        Ok(())
+    }
+
+    fn timeline_info(&self, t: TenantId, tl: TimelineId) -> anyhow::Result<serde_json::Value> {
+        self.ps_get(&format!("/v1/tenant/{t}/timeline/{tl}"))
+    }
+
+    /// The LSN at which branch `branch` looked as at `timestamp` (RFC 3339), from the
+    /// pageserver: the end of the last commit at or before it.
+    fn lsn_for_timestamp(&self, t: TenantId, branch: &str, timestamp: &str) -> anyhow::Result<Lsn> {
+        let tl = self.timeline_of(t, branch)?;
+        // The answer covers what the pageserver has ingested: let it catch up with what the
+        // safekeepers have committed first.
+        if let Some(committed) = self.committed_lsn(t, tl) {
+            self.wait_ingested(t, tl, committed)?;
+        }
+        let url = format!(
+            "{}/v1/tenant/{t}/timeline/{tl}/get_lsn_by_timestamp?timestamp={}",
+            self.ps_http(),
+            url_encode(timestamp)
+        );
+        let v = http_get(&self.ps_peer(), &url)?;
+        let lsn: Lsn = v["lsn"].as_str().context("no lsn in get_lsn_by_timestamp answer")?.parse()?;
+        match v["kind"].as_str().unwrap_or("?") {
+            "present" | "future" => Ok(lsn),
+            "past" => bail!(
+                "timestamp {timestamp} is before the first commit on branch '{branch}'; pick a later time or use --lsn"
+            ),
+            "nodata" => bail!("branch '{branch}' has no commits to find timestamp {timestamp} by; use --lsn"),
+            k => bail!("pageserver answered kind '{k}' for timestamp {timestamp}"),
+        }
+    }
+
+    /// Waits (up to 30 s) until the pageserver has ingested branch timeline `tl` up to `lsn`.
+    fn wait_ingested(&self, t: TenantId, tl: TimelineId, lsn: Lsn) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let info = self.timeline_info(t, tl)?;
+            let last: Lsn = info["last_record_lsn"].as_str().context("no last_record_lsn")?.parse()?;
+            if last >= lsn {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the pageserver has ingested timeline {tl} only up to {last}, not {lsn}, after 30 s; see {}",
+                    self.dir.join("pageserver/log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Checks that `lsn` lies within branch `branch`'s history: not before its start (initdb
+    /// or branch point), not beyond what the safekeepers have committed.
+    fn check_lsn_on_branch(&self, t: TenantId, branch: &str, lsn: Lsn) -> anyhow::Result<()> {
+        let tl = self.timeline_of(t, branch)?;
+        let info = self.timeline_info(t, tl)?;
+        let get = |k: &str| info[k].as_str().and_then(|s| s.parse::<Lsn>().ok());
+        let last = get("last_record_lsn").context("no last_record_lsn")?;
+        let last = self.committed_lsn(t, tl).map_or(last, |c| c.max(last));
+        if let Some(anc) = get("ancestor_lsn") {
+            if lsn < anc {
+                bail!(
+                    "LSN {lsn} is before branch '{branch}' starts at {anc}; use its ancestor branch for older data (see 'neon_local timeline list')"
+                );
+            }
+        }
+        if let Some(initdb) = get("initdb_lsn") {
+            if lsn < initdb {
+                bail!(
+                    "LSN {lsn} is before initdb LSN {initdb} of branch '{branch}', where its data begins; pick an LSN at or after it"
+                );
+            }
+        }
+        if lsn > last {
+            bail!(
+                "LSN {lsn} is beyond the last LSN {last} of branch '{branch}'; pick an LSN at or below it (see 'neon_local timeline list')"
+            );
+        }
+        if !lsn.0.is_multiple_of(8) {
+            bail!("LSN {lsn} is not a WAL record boundary (records start 8-byte aligned)");
         }
         Ok(())
     }
@@ -452,26 +680,39 @@ impl Env {
         name: &str,
         ancestor: &str,
         lsn: Option<Lsn>,
+        timestamp: Option<&str>,
     ) -> anyhow::Result<(TimelineId, Lsn)> {
         let t = self.tenant(tenant)?;
+        check_name("branch", name)?;
         if self.conf.branches.get(&t.to_string()).is_some_and(|b| b.contains_key(name)) {
             bail!("branch '{name}' already exists; see 'neon_local timeline list'");
         }
         let parent = self.timeline_of(t, ancestor)?;
-        let tl = TimelineId::generate();
-        // Without an LSN, branch at what the safekeepers have committed: everything a client
-        // saw acknowledged (the pageserver waits until it has ingested that far).
-        let lsn = match lsn {
-            Some(l) => Some(l),
-            None => self.committed_lsn(t, parent),
+        self.ps_get("/v1/status")?;
+        self.check_safekeepers_up()?;
+        let lsn = match (lsn, timestamp) {
+            (Some(_), Some(_)) => bail!("give --ancestor-start-lsn or --timestamp, not both"),
+            (Some(l), None) => {
+                self.check_lsn_on_branch(t, ancestor, l)?;
+                Some(l)
+            }
+            (None, Some(ts)) => Some(self.lsn_for_timestamp(t, ancestor, ts)?),
+            // Without an LSN, branch at what the safekeepers have committed: everything a
+            // client saw acknowledged (the pageserver waits until it has ingested that far).
+            (None, None) => self.committed_lsn(t, parent),
         };
+        let tl = TimelineId::generate();
         let mut body = serde_json::json!({ "new_timeline_id": tl, "ancestor_timeline_id": parent });
         if let Some(l) = lsn {
             body["ancestor_start_lsn"] = serde_json::json!(l);
         }
-        let info = http_post(&format!("{}/v1/tenant/{t}/timeline", self.ps_http()), body)?;
+        let info = self
+            .ps_post(&format!("/v1/tenant/{t}/timeline"), body)
+            .with_context(|| format!("creating branch '{name}' from '{ancestor}'"))?;
         let start: Lsn = info["last_record_lsn"].as_str().context("no last_record_lsn")?.parse()?;
-        self.create_sk_timelines(t, tl, start)?;
+        self.create_sk_timelines(t, tl, start).with_context(|| {
+            format!("branch '{name}' not created (pageserver timeline {tl} stays unnamed and unused)")
+        })?;
         self.conf.branches.entry(t.to_string()).or_default().insert(name.into(), tl);
         self.save()?;
         Ok((tl, start))
@@ -483,32 +724,72 @@ impl Env {
             .safekeepers
             .iter()
             .filter_map(|sk| {
-                http_get(&format!("http://127.0.0.1:{}/v1/tenant/{tenant}/timeline/{timeline}", sk.http_port)).ok()
+                http_get(&Self::sk_peer(sk), &Self::sk_url(sk, &format!("/v1/tenant/{tenant}/timeline/{timeline}")))
+                    .ok()
             })
             .filter_map(|v| v["commit_lsn"].as_str().and_then(|s| s.parse().ok()))
             .max()
     }
 
+    /// Branches as a tree: each with its timeline, current LSN, and where it forks off its parent.
     pub fn list_timelines(&self, tenant: Option<TenantId>) -> anyhow::Result<()> {
         let t = self.tenant(tenant)?;
-        let infos = http_get(&format!("{}/v1/tenant/{t}/timeline", self.ps_http()))?;
-        let names: BTreeMap<String, String> = self
-            .conf
-            .branches
-            .get(&t.to_string())
-            .map(|b| b.iter().map(|(n, tl)| (tl.to_string(), n.clone())).collect())
-            .unwrap_or_default();
-        for i in infos.as_array().into_iter().flatten() {
-            let id = i["timeline_id"].as_str().unwrap_or("?");
-            let name = names.get(id).cloned().unwrap_or_else(|| "(unnamed)".into());
-            let parent = i["ancestor_timeline_id"].as_str().map(|p| {
-                format!(
-                    " <- {} at {}",
-                    names.get(p).cloned().unwrap_or(p.to_string()),
-                    i["ancestor_lsn"].as_str().unwrap_or("?")
+        let infos = self.ps_get(&format!("/v1/tenant/{t}/timeline"))?;
+        let infos: Vec<&serde_json::Value> = infos.as_array().into_iter().flatten().collect();
+        let name_of = |id: &str| self.branch_name(t, id).unwrap_or_else(|| format!("(unnamed {id})"));
+        let mut children: BTreeMap<Option<String>, Vec<&serde_json::Value>> = BTreeMap::new();
+        let known: Vec<&str> = infos.iter().filter_map(|i| i["timeline_id"].as_str()).collect();
+        for i in &infos {
+            // A parent the pageserver does not list makes its child a root.
+            let parent = i["ancestor_timeline_id"].as_str().filter(|p| known.contains(p)).map(str::to_string);
+            children.entry(parent).or_default().push(i);
+        }
+        for v in children.values_mut() {
+            v.sort_by_key(|i| {
+                (
+                    i["ancestor_lsn"].as_str().map(|s| s.parse::<Lsn>().unwrap_or_default()),
+                    name_of(i["timeline_id"].as_str().unwrap_or("")),
                 )
             });
-            println!("{name} [{id}] at {}{}", i["last_record_lsn"].as_str().unwrap_or("?"), parent.unwrap_or_default());
+        }
+        fn walk(
+            node: &serde_json::Value,
+            prefix: &str,
+            connector: &str,
+            children: &BTreeMap<Option<String>, Vec<&serde_json::Value>>,
+            name_of: &dyn Fn(&str) -> String,
+            endpoints: &BTreeMap<String, Vec<String>>,
+        ) {
+            let id = node["timeline_id"].as_str().unwrap_or("?");
+            let parent = node["ancestor_timeline_id"]
+                .as_str()
+                .map(|p| format!(" <- {} at {}", name_of(p), node["ancestor_lsn"].as_str().unwrap_or("?")));
+            let eps = endpoints.get(id).map(|e| format!(" (endpoints: {})", e.join(", "))).unwrap_or_default();
+            println!(
+                "{prefix}{connector}{} [{id}] at {}{}{eps}",
+                name_of(id),
+                node["last_record_lsn"].as_str().unwrap_or("?"),
+                parent.unwrap_or_default()
+            );
+            let kids = children.get(&Some(id.to_string())).cloned().unwrap_or_default();
+            let child_prefix = match connector {
+                "" => prefix.to_string(),
+                "└── " => format!("{prefix}    "),
+                _ => format!("{prefix}│   "),
+            };
+            for (n, k) in kids.iter().enumerate() {
+                let c = if n + 1 == kids.len() { "└── " } else { "├── " };
+                walk(k, &child_prefix, c, children, name_of, endpoints);
+            }
+        }
+        let mut endpoints: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (n, e) in &self.conf.endpoints {
+            if e.tenant_id == t {
+                endpoints.entry(e.timeline_id.to_string()).or_default().push(n.clone());
+            }
+        }
+        for root in children.get(&None).cloned().unwrap_or_default() {
+            walk(root, "", "", &children, &name_of, &endpoints);
         }
         Ok(())
     }
@@ -544,54 +825,106 @@ impl Env {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn create_endpoint(
         &mut self,
         name: &str,
         tenant: Option<TenantId>,
         branch: &str,
+        lsn: Option<Lsn>,
+        timestamp: Option<&str>,
         pg_port: Option<u16>,
         http_port: Option<u16>,
     ) -> anyhow::Result<EndpointConf> {
         if self.conf.endpoints.contains_key(name) {
             bail!("endpoint '{name}' already exists; see 'neon_local endpoint list'");
         }
-        if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') || name.is_empty() {
-            bail!("endpoint name '{name}' may only hold letters, digits, '-' and '_'");
-        }
+        check_name("endpoint", name)?;
         let t = self.tenant(tenant)?;
         let tl = self.timeline_of(t, branch)?;
-        if let Some((other, _)) = self.conf.endpoints.iter().find(|(_, e)| e.timeline_id == tl) {
-            bail!("branch '{branch}' already has endpoint '{other}': a branch has one primary; create a branch for another one");
+        let static_lsn = match (lsn, timestamp) {
+            (Some(_), Some(_)) => bail!("give --lsn or --timestamp, not both"),
+            (Some(l), None) => {
+                self.check_lsn_on_branch(t, branch, l)?;
+                Some(l)
+            }
+            (None, Some(ts)) => Some(self.lsn_for_timestamp(t, branch, ts)?),
+            (None, None) => None,
+        };
+        if static_lsn.is_none() {
+            if let Some((other, _)) =
+                self.conf.endpoints.iter().find(|(_, e)| e.timeline_id == tl && e.static_lsn.is_none())
+            {
+                bail!(
+                    "branch '{branch}' already has endpoint '{other}': a branch has one primary; create a branch for another one, or a read-only endpoint with --lsn"
+                );
+            }
         }
-        let used: Vec<u16> = self.conf.endpoints.values().flat_map(|e| [e.pg_port, e.http_port]).collect();
+        let used: BTreeMap<u16, &String> =
+            self.conf.endpoints.iter().flat_map(|(n, e)| [(e.pg_port, n), (e.http_port, n)]).collect();
+        for p in [pg_port, http_port].into_iter().flatten() {
+            // Allowed (the endpoints may never run at once), but it will not start beside it.
+            if let Some(other) = used.get(&p) {
+                eprintln!(
+                    "warning: port {p} is also assigned to endpoint '{other}'; only one of them can run at a time"
+                );
+            }
+        }
+        if pg_port.is_some() && pg_port == http_port {
+            bail!("--pg-port and --http-port must differ");
+        }
         // The first port not taken by another endpoint and free right now.
         let pick = |given: Option<u16>, base: u16, other: Option<u16>| -> u16 {
             given.unwrap_or_else(|| {
                 (base..base.saturating_add(1000))
-                    .find(|p| !used.contains(p) && Some(*p) != other && port_free(*p))
+                    .find(|p| !used.contains_key(p) && Some(*p) != other && port_free(*p))
                     .unwrap_or(base)
             })
         };
+        let pg = pick(pg_port, self.conf.endpoint_port_base.unwrap_or(55432 + self.conf.port_offset), http_port);
         let ep = EndpointConf {
             tenant_id: t,
             timeline_id: tl,
             branch: branch.into(),
-            pg_port: pick(pg_port, self.conf.endpoint_port_base.unwrap_or(55432 + self.conf.port_offset), None),
+            pg_port: pg,
             http_port: pick(
                 http_port,
                 self.conf.endpoint_port_base.map_or(3080 + self.conf.port_offset, |b| b.saturating_add(500)),
-                pg_port,
+                Some(pg),
             ),
+            static_lsn,
         };
-        let spec = serde_json::json!({
+        let mut spec = serde_json::json!({
             "tenant_id": t,
             "timeline_id": tl,
             "pageserver": format!("127.0.0.1:{}", self.conf.pageserver.pg_port),
-            "safekeepers": self.conf.safekeepers.iter().map(|s| format!("127.0.0.1:{}", s.pg_port)).collect::<Vec<_>>(),
             "mode": "primary",
             "pg_port": ep.pg_port,
+            "settings": {
+                // Two-phase commit works out of the box; a read-only endpoint needs at least the
+                // primary's value, so every endpoint gets the same.
+                "max_prepared_transactions": MAX_PREPARED_TRANSACTIONS.to_string(),
+            },
         });
+        match static_lsn {
+            Some(l) => {
+                spec["mode"] = serde_json::json!("static");
+                spec["lsn"] = serde_json::json!(l);
+            }
+            None => {
+                spec["safekeepers"] = serde_json::json!(self
+                    .conf
+                    .safekeepers
+                    .iter()
+                    .map(|s| format!("127.0.0.1:{}", s.pg_port))
+                    .collect::<Vec<_>>());
+            }
+        }
         let dir = self.endpoint_dir(name);
+        if dir.exists() {
+            // Left over from an endpoint of the same name that was removed by hand.
+            fs::remove_dir_all(&dir).with_context(|| format!("removing stale {}", dir.display()))?;
+        }
         fs::create_dir_all(&dir)?;
         fs::write(dir.join("spec.json"), serde_json::to_string_pretty(&spec)?)?;
         self.conf.endpoints.insert(name.into(), ep.clone());
@@ -601,26 +934,63 @@ impl Env {
 
     pub fn start_endpoint(&self, name: &str) -> anyhow::Result<String> {
         let d = self.endpoint_daemon(name)?;
+        if Self::read_pid(&d).is_some() {
+            println!("endpoint '{name}' is already running");
+            return Ok(self.conf.endpoints[name].connstr());
+        }
         self.start_daemon(&d)?;
+        if let Err(e) = self.wait_endpoint_running(name, &d) {
+            // Leave nothing half-started behind.
+            let _ = self.stop_daemon(&d, StopMode::Immediate);
+            return Err(e);
+        }
+        Ok(self.conf.endpoints[name].connstr())
+    }
+
+    fn wait_endpoint_running(&self, name: &str, d: &Daemon) -> anyhow::Result<()> {
         // compute_ctl answers /status at once; wait until Postgres runs.
+        print!("waiting for endpoint '{name}' to run Postgres...");
         let deadline = Instant::now() + Duration::from_secs(120);
+        let mut last = None;
         loop {
-            let st = http_get(&d.health_url).ok();
+            let st = ureq::get(&d.health_url)
+                .timeout(Duration::from_secs(2))
+                .call()
+                .ok()
+                .and_then(|r| r.into_json::<serde_json::Value>().ok());
             match st.as_ref().and_then(|s| s["status"].as_str()) {
-                Some("running") => break,
-                Some("failed") => bail!(
-                    "endpoint '{name}' failed to start: {}; see {}",
-                    st.as_ref().and_then(|s| s["error"].as_str()).unwrap_or("?"),
-                    d.dir.join("log").display()
-                ),
+                Some("running") => {
+                    println!(" ok");
+                    return Ok(());
+                }
+                Some("failed") => {
+                    println!(" failed");
+                    bail!(
+                        "endpoint '{name}' failed to start: {}; see {}",
+                        st.as_ref().and_then(|s| s["error"].as_str()).unwrap_or("?").replace('\n', " "),
+                        d.dir.join("log").display()
+                    )
+                }
                 _ => {}
             }
-            if Self::read_pid(&d).is_none() || Instant::now() > deadline {
-                bail!("endpoint '{name}' did not start; see {}", d.dir.join("log").display());
+            if st.is_some() {
+                last = st;
+            }
+            if Self::read_pid(d).is_none() {
+                println!(" failed");
+                bail!("endpoint '{name}': compute_ctl exited during start; see {}", d.dir.join("log").display());
+            }
+            if Instant::now() > deadline {
+                println!(" timed out");
+                let step = last
+                    .as_ref()
+                    .and_then(|s| s["timings_ms"].as_array().map(|a| a.len()))
+                    .map(|n| format!(" ({n} start steps done)"))
+                    .unwrap_or_default();
+                bail!("endpoint '{name}' did not start within 120 s{step}; see {}", d.dir.join("log").display());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        Ok(self.conf.endpoints[name].connstr())
     }
 
     pub fn stop_endpoint(&mut self, name: &str, mode: StopMode, destroy: bool) -> anyhow::Result<()> {
@@ -638,8 +1008,51 @@ impl Env {
     pub fn list_endpoints(&self) -> anyhow::Result<()> {
         for (name, ep) in &self.conf.endpoints {
             let running = Self::read_pid(&self.endpoint_daemon(name)?).is_some();
-            println!("{name}\tbranch {}\t{}\t{}", ep.branch, if running { "running" } else { "stopped" }, ep.connstr());
+            println!(
+                "{name}\tbranch {}\t{}\t{}\t{}",
+                ep.branch,
+                ep.mode_desc(),
+                if running { "running" } else { "stopped" },
+                ep.connstr()
+            );
         }
         Ok(())
+    }
+}
+
+/// `max_prepared_transactions` of every endpoint.
+const MAX_PREPARED_TRANSACTIONS: u32 = 64;
+
+fn check_name(what: &str, name: &str) -> anyhow::Result<()> {
+    if name.is_empty() || name.len() > 63 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        bail!("{what} name '{name}' may only hold letters, digits, '-' and '_' (at most 63)");
+    }
+    Ok(())
+}
+
+/// Percent-encodes a query parameter value.
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encode_timestamp() {
+        assert_eq!(url_encode("2024-05-01T12:00:00.5+02:00"), "2024-05-01T12%3A00%3A00.5%2B02%3A00");
+    }
+
+    #[test]
+    fn names() {
+        assert!(check_name("branch", "dev-1_x").is_ok());
+        assert!(check_name("branch", "a b").unwrap_err().to_string().contains("'a b'"));
+        assert!(check_name("branch", "").is_err());
     }
 }

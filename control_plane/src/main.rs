@@ -77,8 +77,12 @@ enum TimelineCmd {
         branch_name: String,
         #[arg(long, default_value = "main")]
         ancestor_branch_name: String,
-        #[arg(long)]
+        /// Branch point; default: what the safekeepers have committed on the ancestor.
+        #[arg(long, conflicts_with = "timestamp")]
         ancestor_start_lsn: Option<utils::Lsn>,
+        /// Branch point as a time (RFC 3339): the ancestor as it was then.
+        #[arg(long)]
+        timestamp: Option<String>,
         #[arg(long)]
         tenant_id: Option<utils::TenantId>,
     },
@@ -90,10 +94,17 @@ enum TimelineCmd {
 
 #[derive(Subcommand)]
 enum EndpointCmd {
+    /// Create an endpoint: the branch's primary, or a read-only one with --lsn/--timestamp.
     Create {
         name: String,
         #[arg(long, default_value = "main")]
         branch_name: String,
+        /// Read-only (static) endpoint showing the branch at this LSN.
+        #[arg(long, conflicts_with = "timestamp")]
+        lsn: Option<utils::Lsn>,
+        /// Read-only (static) endpoint showing the branch as it was at this time (RFC 3339).
+        #[arg(long)]
+        timestamp: Option<String>,
         #[arg(long)]
         pg_port: Option<u16>,
         #[arg(long)]
@@ -153,16 +164,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Cmd::Tenant(TenantCmd::List) => Env::load()?.list_tenants()?,
-        Cmd::Timeline(TimelineCmd::Branch { branch_name, ancestor_branch_name, ancestor_start_lsn, tenant_id }) => {
+        Cmd::Timeline(TimelineCmd::Branch {
+            branch_name,
+            ancestor_branch_name,
+            ancestor_start_lsn,
+            timestamp,
+            tenant_id,
+        }) => {
             let mut env = Env::load()?;
-            let (tl, lsn) = env.branch(tenant_id, &branch_name, &ancestor_branch_name, ancestor_start_lsn)?;
+            let (tl, lsn) =
+                env.branch(tenant_id, &branch_name, &ancestor_branch_name, ancestor_start_lsn, timestamp.as_deref())?;
             println!("branch '{branch_name}' (timeline {tl}) created from '{ancestor_branch_name}' at {lsn}");
         }
         Cmd::Timeline(TimelineCmd::List { tenant_id }) => Env::load()?.list_timelines(tenant_id)?,
-        Cmd::Endpoint(EndpointCmd::Create { name, branch_name, pg_port, http_port, tenant_id }) => {
+        Cmd::Endpoint(EndpointCmd::Create { name, branch_name, lsn, timestamp, pg_port, http_port, tenant_id }) => {
             let mut env = Env::load()?;
-            let ep = env.create_endpoint(&name, tenant_id, &branch_name, pg_port, http_port)?;
-            println!("endpoint '{name}' created on branch '{branch_name}': {}", ep.connstr());
+            let ep =
+                env.create_endpoint(&name, tenant_id, &branch_name, lsn, timestamp.as_deref(), pg_port, http_port)?;
+            println!("endpoint '{name}' ({}) created on branch '{branch_name}': {}", ep.mode_desc(), ep.connstr());
         }
         Cmd::Endpoint(EndpointCmd::Start { name }) => {
             let env = Env::load()?;
