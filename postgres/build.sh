@@ -48,8 +48,12 @@ hash_tree() { # stable hash of the files under $1 (names and contents)
   fi
 }
 
+# Contrib modules the tests use (spi: autoinc and refint, which the regression suite loads).
+CONTRIB=(amcheck pageinspect pg_buffercache pg_prewarm pg_stat_statements pgstattuple spi)
+
 core_key="${PG_VERSION}-$(hash_tree "$here/patches")"
-final_key="${core_key}-$(hash_tree "$repo/pgxn")"
+# The install also changes with the contrib list (modules are added to an existing core build).
+final_key="${core_key}-$(hash_tree "$repo/pgxn")-$(printf '%s' "${CONTRIB[*]}" | sha256sum | cut -c1-8)"
 core_dir="$CACHE/core-$core_key"       # source tree (built) + install of patched Postgres
 final_dir="$CACHE/install-$final_key"  # core install + pgxn extensions
 
@@ -121,8 +125,19 @@ configure_flags() {
   printf '%s\n' "${flags[@]}"
 }
 
-# Contrib modules the tests use.
-CONTRIB=(amcheck pageinspect pg_buffercache pg_prewarm pg_stat_statements pgstattuple)
+
+# Builds and installs the contrib modules not installed yet into the core install; a module added
+# to the list later costs its own build, not a Postgres rebuild.
+build_contrib() {
+  local m
+  for m in "${CONTRIB[@]}"; do
+    [ -f "$core_dir/.contrib-$m" ] && continue
+    log "building contrib/$m"
+    (cd "$core_dir/src/contrib/$m" && make -j"$JOBS" -s install >>"$core_dir/make.log" 2>&1) ||
+      { log "contrib/$m failed; see $core_dir/make.log"; exit 1; }
+    touch "$core_dir/.contrib-$m"
+  done
+}
 
 build_core() {
   fetch_source
@@ -155,11 +170,7 @@ build_core() {
   log "make -j$JOBS (about 3 minutes on 2 cores; log: $core_dir/make.log)"
   (cd "$core_dir/src" && make -j"$JOBS" -s >"$core_dir/make.log" 2>&1 && make -s install >>"$core_dir/make.log" 2>&1) ||
     { log "make failed; see $core_dir/make.log"; tail -30 "$core_dir/make.log" >&2; exit 1; }
-  local m
-  for m in "${CONTRIB[@]}"; do
-    (cd "$core_dir/src/contrib/$m" && make -j"$JOBS" -s install >>"$core_dir/make.log" 2>&1) ||
-      { log "contrib/$m failed; see $core_dir/make.log"; exit 1; }
-  done
+  build_contrib
   # Regression-test support: pg_regress, regress.so, the isolation tester.
   (cd "$core_dir/src/src/test/regress" && make -j"$JOBS" -s >>"$core_dir/make.log" 2>&1) ||
     { log "src/test/regress failed; see $core_dir/make.log"; exit 1; }
@@ -172,6 +183,7 @@ if [ ! -f "$core_dir/.complete" ]; then
   build_core
 else
   log "core build cached: $core_dir"
+  build_contrib
 fi
 
 log "assembling $final_dir"

@@ -42,8 +42,9 @@
 //! must pass it. Storing it per LSN is a possible extension.
 //!
 //! Not included: logical replication state (slots, origins, snapshots) and commit timestamps
-//! (not stored by ingest), relcache init files and statistics (Postgres rebuilds them),
-//! user-defined tablespaces (not supported by the timeline import either).
+//! (not stored by ingest), relcache init files and statistics (Postgres rebuilds them).
+//! User tablespaces are folders under `pg_tblspc/` (Postgres's in-place
+//! tablespaces), holding their databases' folders and relation maps.
 //!
 //! The stream is deterministic for a given timeline and LSN: entries in a fixed order, uid and
 //! gid 0, files 0600, directories 0700, mtime = the stored checkpoint's time.
@@ -52,7 +53,7 @@ use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
 
 use bytes::Bytes;
-use postgres_ffi::controlfile::ControlFileData;
+use postgres_ffi::controlfile::{ControlFileData, CATALOG_VERSION_NO};
 use postgres_ffi::reltag::{INIT_FORKNUM, MAIN_FORKNUM};
 use postgres_ffi::slru::{
     clog_xid_to_page, multixact_id_to_offsets_page, mx_offset_to_member_page, page_to_segment, segment_file_name,
@@ -234,6 +235,7 @@ pub fn write_basebackup<W: Write>(
     if !dbs.contains(&(GLOBALTABLESPACE_OID, 0)) {
         return Err(ctx.corrupt("the database directory", "it has no entry for the shared catalogs".to_string()));
     }
+    let mut tablespace_dirs = BTreeSet::new();
     for &(spcnode, dbnode) in &dbs {
         let dir = match spcnode {
             GLOBALTABLESPACE_OID if dbnode == 0 => "global".to_string(),
@@ -244,10 +246,21 @@ pub fn write_basebackup<W: Write>(
                 dir
             }
             _ => {
-                return Err(ctx.corrupt(
-                    &format!("database {spcnode}/{dbnode}"),
-                    "it is in a user-defined tablespace, which basebackups do not support".to_string(),
-                ))
+                // A user tablespace, laid out in place (`allow_in_place_tablespaces`): a folder
+                // under pg_tblspc instead of a symlink to its location, which a stateless
+                // compute does not have.
+                let spc_dir = format!("pg_tblspc/{spcnode}");
+                let version_dir = format!("{spc_dir}/PG_{PG_MAJORVERSION}_{CATALOG_VERSION_NO}");
+                if tablespace_dirs.insert(spcnode) {
+                    tar.dir(&spc_dir).map_err(io_err)?;
+                    tar.dir(&version_dir).map_err(io_err)?;
+                }
+                if dbnode == 0 {
+                    continue; // the tablespace's own entry: no database in it
+                }
+                let dir = format!("{version_dir}/{dbnode}");
+                tar.dir(&dir).map_err(io_err)?;
+                dir
             }
         };
         match timeline.get_relmap_file(spcnode, dbnode, lsn) {

@@ -36,7 +36,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::{BufMut, Bytes, BytesMut};
 use postgres_ffi::reltag::MAX_FORKNUM;
 use postgres_ffi::slru::SlruKind;
-use postgres_ffi::{BlockNumber, Oid, RelTag, TimestampTz, TransactionId, BLCKSZ, INVALID_BLOCK_NUMBER};
+use postgres_ffi::{
+    BlockNumber, Oid, RelTag, TimestampTz, TransactionId, BLCKSZ, DEFAULTTABLESPACE_OID, GLOBALTABLESPACE_OID,
+    INVALID_BLOCK_NUMBER,
+};
 use utils::{Lsn, TimelineId};
 
 use crate::key::Key;
@@ -72,7 +75,8 @@ trait DirEntry: Ord + Copy {
     fn parse(b: &[u8]) -> Self;
 }
 
-/// (spcnode, dbnode) of a database, `(GLOBALTABLESPACE_OID, 0)` for the shared catalogs.
+/// (spcnode, dbnode) of a database, `(GLOBALTABLESPACE_OID, 0)` for the shared catalogs,
+/// `(spcnode, 0)` for a user tablespace's own folder.
 impl DirEntry for (Oid, Oid) {
     const KIND: DirKind = DirKind::Databases;
     const SIZE_BYTES: usize = 8;
@@ -393,7 +397,8 @@ impl Timeline {
         Ok(dir.into_iter().map(|(relnode, forknum)| RelTag { spcnode, dbnode, relnode, forknum }).collect())
     }
 
-    /// Every database as (spcnode, dbnode), including `(1664, 0)` for the shared catalogs.
+    /// Every database as (spcnode, dbnode), including `(1664, 0)` for the shared catalogs and
+    /// `(spcnode, 0)` for each user tablespace.
     pub fn list_dbdirs(&self, lsn: Lsn) -> Result<BTreeSet<(Oid, Oid)>, DatadirError> {
         let key = Key::dbdir();
         match self.get_optional(key, lsn)? {
@@ -727,6 +732,34 @@ impl<'a> DatadirModification<'a> {
         }
         let mut dbdir = self.dbdir()?;
         if dbdir.remove(&(spcnode, dbnode)) {
+            self.put(Key::dbdir(), Value::Image(encode_dir(&dbdir)))?;
+        }
+        Ok(())
+    }
+
+    /// Adds user tablespace `spcnode`: the database directory entry (`spcnode`, 0), which says the
+    /// tablespace's folder exists even while no database has a directory in it (as the global
+    /// tablespace's entry (1664, 0) does). A no-op if it exists.
+    pub fn put_tablespace_creation(&mut self, spcnode: Oid) -> Result<(), DatadirError> {
+        if spcnode == GLOBALTABLESPACE_OID || spcnode == DEFAULTTABLESPACE_OID {
+            return Err(self.invalid(format!("tablespace {spcnode} is created but is a built-in tablespace")));
+        }
+        let mut dbdir = self.dbdir()?;
+        if dbdir.insert((spcnode, 0)) {
+            self.put(Key::dbdir(), Value::Image(encode_dir(&dbdir)))?;
+        }
+        Ok(())
+    }
+
+    /// Drops user tablespace `spcnode` and every database directory left in it (Postgres drops a
+    /// tablespace only when no relation is in it, and its redo removes the empty folders).
+    pub fn put_tablespace_drop(&mut self, spcnode: Oid) -> Result<(), DatadirError> {
+        let dbs: Vec<Oid> = self.dbdir()?.iter().filter(|(s, d)| *s == spcnode && *d != 0).map(|(_, d)| *d).collect();
+        for dbnode in dbs {
+            self.put_db_drop(spcnode, dbnode)?;
+        }
+        let mut dbdir = self.dbdir()?;
+        if dbdir.remove(&(spcnode, 0)) {
             self.put(Key::dbdir(), Value::Image(encode_dir(&dbdir)))?;
         }
         Ok(())

@@ -282,6 +282,8 @@ impl WalIngest {
                     m.put_db_drop(spc, db_id)?;
                 }
             }
+            RecordBody::TblspcCreate(spc) => m.put_tablespace_creation(spc)?,
+            RecordBody::TblspcDrop(spc) => m.put_tablespace_drop(spc)?,
             RecordBody::ClogZeroPage { pageno } => put_slru_zero_page(m, SlruKind::Clog, pageno)?,
             RecordBody::ClogTruncate(t) => {
                 // clog_redo → SimpleLruTruncate: the cutoff is rounded down to a segment start,

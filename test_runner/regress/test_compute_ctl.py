@@ -2,34 +2,17 @@
 
 from __future__ import annotations
 
-import uuid
+import io
+import tarfile
 
-from fixtures.compute import Compute
-from fixtures.pageserver import Pageserver
+from fixtures.compute import Storage
 
 
 def test_primary_restarts_keep_every_commit(daemons, safekeeper_cluster, test_output_dir, port_allocator):
-    ps = Pageserver(daemons, test_output_dir / "pageserver", port_allocator.get(), port_allocator.get(), [sk.addr for sk in safekeeper_cluster]).start()
-    tenant_id, timeline_id = uuid.uuid4().hex, uuid.uuid4().hex
-    ps.create_tenant(tenant_id)
-    start_lsn = ps.create_timeline(tenant_id, timeline_id)["last_record_lsn"]
-    for sk in safekeeper_cluster:
-        sk.create_timeline(tenant_id, timeline_id, start_lsn)
-    daemons.allow_errors("walproposer", "Postgres ended the replication stream", "disconnected")
+    storage = Storage(daemons, safekeeper_cluster, test_output_dir, port_allocator)
+    app = {"roles": [{"name": "app", "password": "secret"}], "databases": [{"name": "appdb", "owner": "app"}]}
 
-    def spec(pg_port):
-        return {
-            "tenant_id": tenant_id,
-            "timeline_id": timeline_id,
-            "pageserver": f"127.0.0.1:{ps.pg_port}",
-            "safekeepers": [sk.addr for sk in safekeeper_cluster],
-            "mode": "primary",
-            "pg_port": pg_port,
-            "roles": [{"name": "app", "password": "secret"}],
-            "databases": [{"name": "appdb", "owner": "app"}],
-        }
-
-    c1 = Compute(daemons, "compute1", test_output_dir / "compute1", spec(port_allocator.get()), port_allocator.get()).start()
+    c1 = storage.compute("compute1", **app)
     st = c1.status()
     assert [s for s, _ in st["timings_ms"]][:2] == ["find the start LSN on the safekeepers", "fetch the basebackup"]
     c1.sql("create table t(id int primary key, v text)", "appdb")
@@ -38,13 +21,47 @@ def test_primary_restarts_keep_every_commit(daemons, safekeeper_cluster, test_ou
     c1.stop()
 
     # A new compute on the same timeline, with a fresh data directory: everything is there.
-    c2 = Compute(daemons, "compute2", test_output_dir / "compute2", spec(port_allocator.get()), port_allocator.get()).start()
+    c2 = storage.compute("compute2", **app)
     assert c2.sql("select count(*), sum(id) from t", "appdb")[0] == expected
     assert c2.sql("select rolname from pg_roles where rolname = 'app'") == [("app",)]
     c2.sql("insert into t values (5001, 'after restart')", "appdb")
     c2.stop(immediate=True)
 
     # Even after kill -9, the acknowledged insert survives.
-    c3 = Compute(daemons, "compute3", test_output_dir / "compute3", spec(port_allocator.get()), port_allocator.get()).start()
+    c3 = storage.compute("compute3", **app)
     assert c3.sql("select v from t where id = 5001", "appdb") == [("after restart",)]
     c3.stop()
+
+
+def test_tablespaces_survive_a_compute_restart(daemons, safekeeper_cluster, test_output_dir, port_allocator):
+    """User tablespaces are in-place folders under pg_tblspc in a new compute: tables in them read
+    back, an empty one still takes new tables, and a dropped one is gone."""
+    storage = Storage(daemons, safekeeper_cluster, test_output_dir, port_allocator)
+    c1 = storage.compute("compute1", settings={"allow_in_place_tablespaces": "on"})
+    c1.sql("create tablespace full_ts location ''")
+    c1.sql("create tablespace empty_ts location ''")
+    c1.sql("create tablespace dropped_ts location ''")
+    c1.sql("create table in_ts(id int primary key) tablespace full_ts")
+    c1.sql("insert into in_ts select generate_series(1, 1000)")
+    c1.sql("create table briefly(id int) tablespace dropped_ts")
+    c1.sql("drop table briefly")
+    c1.sql("drop tablespace dropped_ts")
+    c1.stop()
+
+    c2 = storage.compute("compute2", settings={"allow_in_place_tablespaces": "on"})
+    assert c2.sql("select count(*), sum(id) from in_ts") == [(1000, 500500)]
+    assert sorted(r[0] for r in c2.sql("select spcname from pg_tablespace where spcname like '%_ts'")) == ["empty_ts", "full_ts"]
+    c2.sql("create table later(id int) tablespace empty_ts")
+    c2.sql("insert into later values (7)")
+    c2.sql("drop table in_ts")
+    c2.sql("drop tablespace full_ts")
+    c2.stop()
+
+    c3 = storage.compute("compute3", settings={"allow_in_place_tablespaces": "on"})
+    assert c3.sql("select id from later") == [(7,)]
+    assert c3.sql("select count(*) from pg_tablespace where spcname = 'full_ts'") == [(0,)]
+    c3.stop()
+    basebackup = storage.ps.backup_tar(storage.tenant_id, storage.timeline_id, full=False)
+    names = tarfile.open(fileobj=io.BytesIO(basebackup)).getnames()
+    spc_dirs = {n.split("/")[1] for n in names if n.startswith("pg_tblspc/") and n.count("/") >= 1}
+    assert len(spc_dirs) == 1, spc_dirs  # only empty_ts is left

@@ -12,6 +12,7 @@ pub mod multixact;
 pub mod relmap;
 pub mod smgr;
 pub mod standby;
+pub mod tblspc;
 pub mod xact;
 pub mod xlog;
 
@@ -39,6 +40,10 @@ pub enum RecordBody {
     DbaseCreateFileCopy(dbase::DbaseCreateFileCopy),
     DbaseCreateWalLog(dbase::DbaseCreateWalLog),
     DbaseDrop(dbase::DbaseDrop),
+    /// `CREATE TABLESPACE`: the tablespace's OID.
+    TblspcCreate(crate::Oid),
+    /// `DROP TABLESPACE`: the tablespace's OID.
+    TblspcDrop(crate::Oid),
     ClogZeroPage {
         pageno: u32,
     },
@@ -94,6 +99,15 @@ pub fn parse_record_body(rec: &DecodedXLogRecord) -> Result<Option<RecordBody>, 
             }
             dbase::XLOG_DBASE_CREATE_WAL_LOG => RecordBody::DbaseCreateWalLog(dbase::parse_create_wal_log(data, lsn)?),
             dbase::XLOG_DBASE_DROP => RecordBody::DbaseDrop(dbase::parse_drop(data, lsn)?),
+            _ => return Ok(None),
+        },
+        RM_TBLSPC_ID => match info {
+            tblspc::XLOG_TBLSPC_CREATE => {
+                RecordBody::TblspcCreate(tblspc::parse_tablespace_id(data, lsn, "xl_tblspc_create_rec")?)
+            }
+            tblspc::XLOG_TBLSPC_DROP => {
+                RecordBody::TblspcDrop(tblspc::parse_tablespace_id(data, lsn, "xl_tblspc_drop_rec")?)
+            }
             _ => return Ok(None),
         },
         RM_CLOG_ID => match info {
