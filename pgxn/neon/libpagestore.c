@@ -243,14 +243,13 @@ ps_exchange(StringInfo req, char **resp, int *resp_len, TimestampTz deadline)
 }
 
 /*
- * Sends the request (tag, body) at the start LSN and copies the response
+ * Sends the request (tag, body) at LSN lsn and copies the response
  * body of the expected tag, exactly body_len bytes, into out. ERRORs on any
  * failure. Frees what it allocates: reads run in long-lived contexts.
  */
 static void
-ps_call(uint8 tag, StringInfo body, uint8 resp_tag, char *out, int body_len, const char *what)
+ps_call(uint8 tag, XLogRecPtr lsn, StringInfo body, uint8 resp_tag, char *out, int body_len, const char *what)
 {
-	XLogRecPtr	lsn = neon_start_lsn();
 	uint64		request_id = ps_next_request_id++;
 	StringInfoData req;
 	char	   *resp = NULL;
@@ -354,7 +353,7 @@ ps_rel_exists(RelFileNode rnode, ForkNumber forknum)
 			 rnode.spcNode, rnode.dbNode, rnode.relNode, forknum);
 	initStringInfo(&body);
 	put_reltag(&body, rnode, forknum);
-	ps_call(PS_TAG_EXISTS, &body, PS_RESP_EXISTS, &r, 1, what);
+	ps_call(PS_TAG_EXISTS, neon_start_lsn(), &body, PS_RESP_EXISTS, &r, 1, what);
 	return r != 0;
 }
 
@@ -369,7 +368,7 @@ ps_rel_nblocks(RelFileNode rnode, ForkNumber forknum)
 			 rnode.spcNode, rnode.dbNode, rnode.relNode, forknum);
 	initStringInfo(&body);
 	put_reltag(&body, rnode, forknum);
-	ps_call(PS_TAG_NBLOCKS, &body, PS_RESP_NBLOCKS, (char *) &n, 4, what);
+	ps_call(PS_TAG_NBLOCKS, neon_start_lsn(), &body, PS_RESP_NBLOCKS, (char *) &n, 4, what);
 	return pg_ntoh32(n);
 }
 
@@ -384,11 +383,11 @@ ps_get_page(RelFileNode rnode, ForkNumber forknum, BlockNumber blkno, char *buff
 	initStringInfo(&body);
 	put_reltag(&body, rnode, forknum);
 	pq_sendint32(&body, blkno);
-	ps_call(PS_TAG_GETPAGE, &body, PS_RESP_PAGE, buffer, BLCKSZ, what);
+	ps_call(PS_TAG_GETPAGE, neon_start_lsn(), &body, PS_RESP_PAGE, buffer, BLCKSZ, what);
 }
 
 int64
-ps_db_size(Oid dbnode)
+ps_db_size(Oid dbnode, XLogRecPtr lsn)
 {
 	StringInfoData body;
 	char		what[64];
@@ -397,6 +396,6 @@ ps_db_size(Oid dbnode)
 	snprintf(what, sizeof(what), "DbSize of database %u", dbnode);
 	initStringInfo(&body);
 	pq_sendint32(&body, dbnode);
-	ps_call(PS_TAG_DBSIZE, &body, PS_RESP_DBSIZE, (char *) &n, 8, what);
+	ps_call(PS_TAG_DBSIZE, lsn, &body, PS_RESP_DBSIZE, (char *) &n, 8, what);
 	return (int64) pg_ntoh64((uint64) n);
 }

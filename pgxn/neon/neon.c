@@ -15,6 +15,7 @@
  */
 #include "postgres.h"
 
+#include "access/xlog.h"
 #include "catalog/pg_control.h"
 #include "common/controldata_utils.h"
 #include "fmgr.h"
@@ -103,6 +104,20 @@ neon_shmem_startup(void)
 	relsize_shmem_init();
 }
 
+/*
+ * pg_database_size: the pageserver adds up the database's relations. A primary
+ * asks at its flushed WAL position (the pageserver waits until it has
+ * ingested that far), so what this compute wrote is counted; a read-only
+ * compute asks at its start LSN.
+ */
+static int64
+neon_dbsize(Oid dbNode)
+{
+	XLogRecPtr	lsn = RecoveryInProgress() ? neon_start_lsn() : GetFlushRecPtr(NULL);
+
+	return ps_db_size(dbNode, lsn);
+}
+
 void
 _PG_init(void)
 {
@@ -142,4 +157,5 @@ _PG_init(void)
 	shmem_startup_hook = neon_shmem_startup;
 
 	smgr_hook = neon_smgr_hook;
+	dbsize_hook = neon_dbsize;
 }

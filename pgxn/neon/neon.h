@@ -29,7 +29,7 @@ extern XLogRecPtr neon_start_lsn(void);
 extern bool ps_rel_exists(RelFileNode rnode, ForkNumber forknum);
 extern BlockNumber ps_rel_nblocks(RelFileNode rnode, ForkNumber forknum);
 extern void ps_get_page(RelFileNode rnode, ForkNumber forknum, BlockNumber blkno, char *buffer);
-extern int64 ps_db_size(Oid dbnode);
+extern int64 ps_db_size(Oid dbnode, XLogRecPtr lsn);
 
 /* pagestore_smgr.c */
 extern const f_smgr *neon_smgr_hook(RelFileNode rnode, BackendId backend);

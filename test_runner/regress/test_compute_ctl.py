@@ -130,3 +130,39 @@ def test_kill9_under_write_load_loses_no_acknowledged_commit(daemons, safekeeper
     )
     assert bad == []
     c2.stop()
+
+
+def test_relation_and_database_sizes_match_stock(daemons, safekeeper_cluster, test_output_dir, port_allocator, vanilla_pg):
+    """pg_relation_size and friends come from the storage manager (the compute has no local file
+    for what it never wrote) and pg_database_size from the pageserver: the same data gives the
+    same relation sizes as stock Postgres, in the writing compute and in a fresh one."""
+    workload = [
+        "create table t(id int, v text)",
+        "insert into t select g, repeat('x', 100) from generate_series(1, 50000) g",
+        "create index t_id on t(id)",
+        "vacuum t",  # visibility map and free space map forks
+    ]
+    vanilla_pg.start()
+    for q in workload:
+        vanilla_pg.safe_psql(q)
+    sizes_q = (
+        "select pg_relation_size('t'), pg_relation_size('t', 'vm'), pg_relation_size('t_id'),"
+        " pg_table_size('t') > pg_relation_size('t'), pg_database_size(current_database())"
+    )
+    stock = vanilla_pg.safe_psql(sizes_q)[0]
+
+    storage = Storage(daemons, safekeeper_cluster, test_output_dir, port_allocator)
+    c1 = storage.compute("compute1")
+    for q in workload:
+        c1.sql(q)
+    ours_writer = c1.sql(sizes_q)[0]
+    c1.stop()
+    c2 = storage.compute("compute2")
+    ours_fresh = c2.sql(sizes_q)[0]
+    c2.stop()
+    for ours in (ours_writer, ours_fresh):
+        assert ours[:4] == stock[:4], f"relation sizes {ours[:4]} differ from stock {stock[:4]}"
+        # The database also holds the catalogs; sizes differ by what stock has beyond WAL-logged
+        # relation blocks (pg_filenode.map, PG_VERSION, free space map pages).
+        assert abs(ours[4] - stock[4]) < 0.1 * stock[4], f"pg_database_size {ours[4]} vs stock {stock[4]}"
+    assert stock[0] > 5_000_000
