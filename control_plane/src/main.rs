@@ -44,12 +44,9 @@ enum Cmd {
     Endpoint(EndpointCmd),
     #[command(subcommand)]
     Pageserver(DaemonCmd),
-    /// Manage safekeeper ID.
-    Safekeeper {
-        #[command(subcommand)]
-        cmd: DaemonCmd,
-        id: u32,
-    },
+    /// Manage a safekeeper: `safekeeper start|stop|restart|status ID`.
+    #[command(subcommand)]
+    Safekeeper(SafekeeperCmd),
 }
 
 #[derive(Subcommand)]
@@ -140,6 +137,26 @@ enum DaemonCmd {
     Status,
 }
 
+#[derive(Subcommand)]
+enum SafekeeperCmd {
+    Start {
+        id: u32,
+    },
+    Stop {
+        id: u32,
+        #[arg(long, value_enum, default_value = "fast")]
+        mode: StopMode,
+    },
+    Restart {
+        id: u32,
+        #[arg(long, value_enum, default_value = "fast")]
+        mode: StopMode,
+    },
+    Status {
+        id: u32,
+    },
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Init { num_safekeepers, force } => {
@@ -197,8 +214,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let env = Env::load()?;
             daemon_cmd(&env, cmd, None)?;
         }
-        Cmd::Safekeeper { cmd, id } => {
+        Cmd::Safekeeper(cmd) => {
             let env = Env::load()?;
+            let (id, cmd) = match cmd {
+                SafekeeperCmd::Start { id } => (id, DaemonCmd::Start),
+                SafekeeperCmd::Stop { id, mode } => (id, DaemonCmd::Stop { mode }),
+                SafekeeperCmd::Restart { id, mode } => (id, DaemonCmd::Restart { mode }),
+                SafekeeperCmd::Status { id } => (id, DaemonCmd::Status),
+            };
             daemon_cmd(&env, cmd, Some(id))?;
         }
     }
