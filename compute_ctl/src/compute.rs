@@ -169,11 +169,28 @@ fn write_config(spec: &ComputeSpec, pgdata: &Path, lsn: Lsn) -> anyhow::Result<(
     Ok(())
 }
 
-async fn wait_ready(port: u16, child: &mut Child) -> anyhow::Result<()> {
+/// Whether the postmaster says it accepts connections: line 8 of `postmaster.pid` is "ready" (or
+/// "standby" for a read-only compute). Connecting earlier would work too, but every attempt while
+/// it starts leaves a "FATAL: the database system is starting up" in the log.
+fn postmaster_accepts_connections(pgdata: &Path) -> bool {
+    std::fs::read_to_string(pgdata.join("postmaster.pid"))
+        .ok()
+        .and_then(|pid_file| pid_file.lines().nth(7).map(|l| matches!(l.trim(), "ready" | "standby")))
+        .unwrap_or(false)
+}
+
+async fn wait_ready(port: u16, pgdata: &Path, child: &mut Child) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(status) = child.try_wait()? {
             bail!("Postgres exited during start with {status}; see its log above");
+        }
+        if !postmaster_accepts_connections(pgdata) {
+            if Instant::now() > deadline {
+                bail!("Postgres did not get ready to accept connections within 60 s; see its log above");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
         }
         let mut c = ConnectConfig::new("127.0.0.1", port, SUPERUSER);
         c.dbname = Some("postgres".into());
@@ -249,7 +266,7 @@ pub async fn run(
     let mut cmd = tokio::process::Command::from(command_as(os_user.as_ref(), &pg_install.join("bin/postgres")));
     cmd.arg("-D").arg(&pgdata).stdin(Stdio::null()).kill_on_drop(true);
     let mut child = cmd.spawn().context("starting postgres")?;
-    step(&status, "start Postgres", wait_ready(spec.pg_port, &mut child)).await?;
+    step(&status, "start Postgres", wait_ready(spec.pg_port, &pgdata, &mut child)).await?;
     let wp_stop = shutdown.child_token();
     let mut walproposer = if spec.mode == ComputeMode::Primary {
         let cfg = DriverConfig {

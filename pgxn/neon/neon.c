@@ -17,12 +17,14 @@
 
 #include "access/xlog.h"
 #include "catalog/pg_control.h"
+#include "commands/defrem.h"
 #include "common/controldata_utils.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
 #include "storage/lwlock.h"
 #include "storage/shmem.h"
+#include "tcop/utility.h"
 #include "utils/guc.h"
 #include "utils/pg_lsn.h"
 
@@ -118,6 +120,58 @@ neon_dbsize(Oid dbNode)
 	return ps_db_size(dbNode, lsn);
 }
 
+/*
+ * Commands that copy a database's files with copydir() cannot work on a
+ * compute: its data directory holds only the blocks it wrote. They are
+ * refused before they do anything, with the alternative that works.
+ */
+static ProcessUtility_hook_type prev_ProcessUtility = NULL;
+
+static void
+refuse_file_copy(Node *stmt)
+{
+	ListCell   *lc;
+
+	if (IsA(stmt, CreatedbStmt))
+	{
+		foreach(lc, ((CreatedbStmt *) stmt)->options)
+		{
+			DefElem    *opt = lfirst_node(DefElem, lc);
+
+			if (strcmp(opt->defname, "strategy") == 0 && pg_strcasecmp(defGetString(opt), "file_copy") == 0)
+				ereport(ERROR,
+						(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+						 errmsg("CREATE DATABASE ... STRATEGY FILE_COPY is not supported on this compute: it copies files the compute does not have"),
+						 errhint("Use the default STRATEGY WAL_LOG.")));
+		}
+	}
+	else if (IsA(stmt, AlterDatabaseStmt))
+	{
+		foreach(lc, ((AlterDatabaseStmt *) stmt)->options)
+		{
+			DefElem    *opt = lfirst_node(DefElem, lc);
+
+			if (strcmp(opt->defname, "tablespace") == 0)
+				ereport(ERROR,
+						(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+						 errmsg("ALTER DATABASE ... SET TABLESPACE is not supported on this compute: it copies files the compute does not have"),
+						 errhint("Move tables one by one with ALTER TABLE ... SET TABLESPACE.")));
+		}
+	}
+}
+
+static void
+neon_ProcessUtility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
+					ProcessUtilityContext context, ParamListInfo params,
+					QueryEnvironment *queryEnv, DestReceiver *dest, QueryCompletion *qc)
+{
+	refuse_file_copy(pstmt->utilityStmt);
+	if (prev_ProcessUtility)
+		prev_ProcessUtility(pstmt, queryString, readOnlyTree, context, params, queryEnv, dest, qc);
+	else
+		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context, params, queryEnv, dest, qc);
+}
+
 void
 _PG_init(void)
 {
@@ -158,4 +212,6 @@ _PG_init(void)
 
 	smgr_hook = neon_smgr_hook;
 	dbsize_hook = neon_dbsize;
+	prev_ProcessUtility = ProcessUtility_hook;
+	ProcessUtility_hook = neon_ProcessUtility;
 }

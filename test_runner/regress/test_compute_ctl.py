@@ -8,6 +8,7 @@ import tarfile
 import threading
 
 import psycopg
+import pytest
 
 from fixtures.compute import Storage
 from fixtures.daemons import wait_until
@@ -104,7 +105,7 @@ def test_kill9_under_write_load_loses_no_acknowledged_commit(daemons, safekeeper
     t.join(timeout=30)
     bench.kill()
     bench.wait()
-    daemons.allow_errors("connection to server .* failed", "server closed the connection")
+    daemons.allow_errors("connection to server .* failed", "server closed the connection", "terminating connection due to unexpected postmaster exit")
 
     c2 = storage.compute("compute2")
     present = {r[0] for r in c2.sql("select id from ledger")}
@@ -166,3 +167,25 @@ def test_relation_and_database_sizes_match_stock(daemons, safekeeper_cluster, te
         # relation blocks (pg_filenode.map, PG_VERSION, free space map pages).
         assert abs(ours[4] - stock[4]) < 0.1 * stock[4], f"pg_database_size {ours[4]} vs stock {stock[4]}"
     assert stock[0] > 5_000_000
+
+
+def test_file_copy_commands_are_refused_clearly(daemons, safekeeper_cluster, test_output_dir, port_allocator):
+    """CREATE DATABASE ... STRATEGY FILE_COPY and ALTER DATABASE ... SET TABLESPACE copy files a
+    compute does not have: refused with the alternative, leaving nothing behind; WAL_LOG works."""
+    storage = Storage(daemons, safekeeper_cluster, test_output_dir, port_allocator)
+    daemons.allow_errors("is not supported on this compute")
+    c = storage.compute("compute1", settings={"allow_in_place_tablespaces": "on"})
+    with pytest.raises(psycopg.errors.FeatureNotSupported, match="STRATEGY FILE_COPY is not supported") as e:
+        c.sql("create database fc strategy file_copy")
+    assert "WAL_LOG" in (e.value.diag.message_hint or "")
+    assert c.sql("select count(*) from pg_database where datname = 'fc'") == [(0,)]
+    c.sql("create database wl strategy wal_log")
+    c.sql("create tablespace ts location ''")
+    with pytest.raises(psycopg.errors.FeatureNotSupported, match="SET TABLESPACE is not supported"):
+        c.sql("alter database wl set tablespace ts")
+    c.sql("create table t(id int)", "wl")
+    c.sql("insert into t values (1)", "wl")
+    c.stop()
+    c2 = storage.compute("compute2")
+    assert c2.sql("select id from t", "wl") == [(1,)]
+    c2.stop()
