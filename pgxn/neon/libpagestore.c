@@ -266,29 +266,48 @@ ps_call(uint8 tag, XLogRecPtr lsn, StringInfo body, uint8 resp_tag, char *out, i
 	if (ps_request_in_flight)
 		ps_disconnect();		/* an earlier request was abandoned mid-way */
 
-	for (int attempt = 0;; attempt++)
+	/*
+	 * A pageserver that restarts (or is briefly unreachable) makes queries
+	 * stall, not fail: connection failures and broken streams are retried
+	 * with backoff until neon.pageserver_timeout has passed since the
+	 * request began; only then does the query get an ERROR.
+	 */
 	{
 		TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
 														   neon_pageserver_timeout_ms);
-		bool		fresh = (ps_conn == NULL);
-		PsStatus	st = PS_OK;
+		long		backoff_ms = 20;
+		int			attempts = 0;
 
-		if (fresh)
-			st = ps_connect(deadline);
-		if (st == PS_OK)
-			st = ps_exchange(&req, &resp, &resp_len, deadline);
-		if (st == PS_OK)
-			break;
-		ps_disconnect();
-		/* a stream that broke under us: the pageserver may have restarted */
-		if (st == PS_BROKEN && !fresh && attempt == 0)
-			continue;
-		ereport(ERROR,
-				(errcode(ERRCODE_CONNECTION_FAILURE),
-				 errmsg("pageserver at %s (tenant %s, timeline %s) failed to answer %s at LSN %X/%X: %s",
-						ps_name, neon_tenant_id, neon_timeline_id, what,
-						LSN_FORMAT_ARGS(lsn), ps_errmsg),
-				 errhint("Check that the pageserver in neon.pageserver_connstring is running.")));
+		for (;;)
+		{
+			PsStatus	st = PS_OK;
+
+			attempts++;
+			if (ps_conn == NULL)
+				st = ps_connect(deadline);
+			if (st == PS_OK)
+				st = ps_exchange(&req, &resp, &resp_len, deadline);
+			if (st == PS_OK)
+				break;
+			ps_disconnect();
+			if (st == PS_BROKEN && GetCurrentTimestamp() < deadline)
+			{
+				long		left_ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
+
+				(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+								 Min(backoff_ms, Max(left_ms, 1)), PG_WAIT_EXTENSION);
+				ResetLatch(MyLatch);
+				CHECK_FOR_INTERRUPTS();
+				backoff_ms = Min(backoff_ms * 2, 1000);
+				continue;
+			}
+			ereport(ERROR,
+					(errcode(ERRCODE_CONNECTION_FAILURE),
+					 errmsg("pageserver at %s (tenant %s, timeline %s) failed to answer %s at LSN %X/%X: %s (%d attempts in %d ms)",
+							ps_name, neon_tenant_id, neon_timeline_id, what,
+							LSN_FORMAT_ARGS(lsn), ps_errmsg, attempts, neon_pageserver_timeout_ms),
+					 errhint("Check that the pageserver in neon.pageserver_connstring is running; neon.pageserver_timeout sets how long queries wait for it.")));
+		}
 	}
 	pfree(req.data);
 
