@@ -349,11 +349,22 @@ impl Env {
                 println!(" ok");
                 return Ok(());
             }
-            if !pid_alive(child.id()) || Instant::now() > deadline {
+            let exited = !pid_alive(child.id());
+            if exited || Instant::now() > deadline {
                 println!(" failed");
+                if !exited {
+                    let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status();
+                }
+                let _ = fs::remove_file(d.dir.join("pid"));
                 let log = fs::read_to_string(&log_path).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect();
-                bail!("{} did not become healthy; last lines of {}:\n{}", d.name, log_path.display(), tail.join("\n"));
+                let why = last_error(&log).unwrap_or_else(|| {
+                    if exited {
+                        "it exited".into()
+                    } else {
+                        format!("{} did not answer within 60 s", d.health_url)
+                    }
+                });
+                bail!("{} failed to start: {why}; see {}", d.name, log_path.display());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -806,7 +817,7 @@ impl Env {
             .with_context(|| format!("endpoint '{name}' does not exist; see 'neon_local endpoint list'"))?;
         let dir = self.endpoint_dir(name);
         Ok(Daemon {
-            name: format!("endpoint {name}"),
+            name: format!("endpoint '{name}'"),
             argv: vec![
                 self.bin("compute_ctl"),
                 "run".into(),
@@ -833,6 +844,7 @@ impl Env {
         branch: &str,
         lsn: Option<Lsn>,
         timestamp: Option<&str>,
+        settings: &[String],
         pg_port: Option<u16>,
         http_port: Option<u16>,
     ) -> anyhow::Result<EndpointConf> {
@@ -840,6 +852,17 @@ impl Env {
             bail!("endpoint '{name}' already exists; see 'neon_local endpoint list'");
         }
         check_name("endpoint", name)?;
+        let mut extra = BTreeMap::new();
+        for kv in settings {
+            let Some((k, v)) = kv.split_once('=') else {
+                bail!("setting '{kv}' is not name=value (e.g. -c shared_buffers=16MB)");
+            };
+            let k = k.trim();
+            if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') {
+                bail!("setting name '{k}' is not a Postgres parameter name");
+            }
+            extra.insert(k.to_string(), v.trim().to_string());
+        }
         let t = self.tenant(tenant)?;
         let tl = self.timeline_of(t, branch)?;
         let static_lsn = match (lsn, timestamp) {
@@ -906,6 +929,9 @@ impl Env {
                 "max_prepared_transactions": MAX_PREPARED_TRANSACTIONS.to_string(),
             },
         });
+        for (k, v) in extra {
+            spec["settings"][k] = serde_json::json!(v);
+        }
         match static_lsn {
             Some(l) => {
                 spec["mode"] = serde_json::json!("static");
@@ -937,6 +963,25 @@ impl Env {
         if Self::read_pid(&d).is_some() {
             println!("endpoint '{name}' is already running");
             return Ok(self.conf.endpoints[name].connstr());
+        }
+        // What the compute needs, checked first for a clear message: the pageserver, and for a
+        // primary a majority of the safekeepers.
+        self.ps_get("/v1/status").with_context(|| format!("endpoint '{name}' needs the pageserver"))?;
+        if self.conf.endpoints[name].static_lsn.is_none() {
+            let down: Vec<String> = self
+                .conf
+                .safekeepers
+                .iter()
+                .filter(|sk| http_get(&Self::sk_peer(sk), &Self::sk_url(sk, "/v1/status")).is_err())
+                .map(|sk| sk.id.to_string())
+                .collect();
+            let n = self.conf.safekeepers.len();
+            if n - down.len() < n / 2 + 1 {
+                bail!(
+                    "endpoint '{name}' needs a majority of the {n} safekeepers, but safekeepers {} are not answering; start them with 'neon_local safekeeper start ID'",
+                    down.join(", ")
+                );
+            }
         }
         self.start_daemon(&d)?;
         if let Err(e) = self.wait_endpoint_running(name, &d) {
@@ -978,7 +1023,12 @@ impl Env {
             }
             if Self::read_pid(d).is_none() {
                 println!(" failed");
-                bail!("endpoint '{name}': compute_ctl exited during start; see {}", d.dir.join("log").display());
+                let log = fs::read_to_string(d.dir.join("log")).unwrap_or_default();
+                bail!(
+                    "endpoint '{name}' failed to start: {}; see {}",
+                    last_error(&log).unwrap_or_else(|| "compute_ctl exited".into()),
+                    d.dir.join("log").display()
+                );
             }
             if Instant::now() > deadline {
                 println!(" timed out");
@@ -1020,6 +1070,21 @@ impl Env {
     }
 }
 
+/// The message of the last error line of a daemon's log (tracing `ERROR`, Postgres `FATAL`/
+/// `PANIC`, a Rust panic), for a one-line report.
+fn last_error(log: &str) -> Option<String> {
+    let line =
+        log.lines().rev().take(50).find(|l| {
+            l.contains(" ERROR ") || l.contains("FATAL:") || l.contains("PANIC:") || l.contains("panicked at")
+        })?;
+    let msg = match line.find(" ERROR ") {
+        // `<time>  ERROR <target>: <message>`
+        Some(i) => line[i + 7..].split_once(": ").map_or(&line[i + 7..], |(_, m)| m),
+        None => line,
+    };
+    Some(msg.trim().to_string())
+}
+
 /// `max_prepared_transactions` of every endpoint.
 const MAX_PREPARED_TRANSACTIONS: u32 = 64;
 
@@ -1047,6 +1112,14 @@ mod tests {
     #[test]
     fn encode_timestamp() {
         assert_eq!(url_encode("2024-05-01T12:00:00.5+02:00"), "2024-05-01T12%3A00%3A00.5%2B02%3A00");
+    }
+
+    #[test]
+    fn error_line() {
+        let log = "2026-12-04T18:27:01Z  INFO compute_ctl::compute: fetch\n\
+                   2026-12-04T18:27:01Z ERROR compute_ctl: compute start failed: refused\nbye\n";
+        assert_eq!(last_error(log).as_deref(), Some("compute start failed: refused"));
+        assert_eq!(last_error("all fine\n"), None);
     }
 
     #[test]

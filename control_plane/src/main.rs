@@ -102,6 +102,9 @@ enum EndpointCmd {
         /// Read-only (static) endpoint showing the branch as it was at this time (RFC 3339).
         #[arg(long)]
         timestamp: Option<String>,
+        /// Postgres setting for this endpoint, `-c name=value` (repeatable).
+        #[arg(short = 'c', long = "config")]
+        config: Vec<String>,
         #[arg(long)]
         pg_port: Option<u16>,
         #[arg(long)]
@@ -194,10 +197,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("branch '{branch_name}' (timeline {tl}) created from '{ancestor_branch_name}' at {lsn}");
         }
         Cmd::Timeline(TimelineCmd::List { tenant_id }) => Env::load()?.list_timelines(tenant_id)?,
-        Cmd::Endpoint(EndpointCmd::Create { name, branch_name, lsn, timestamp, pg_port, http_port, tenant_id }) => {
+        Cmd::Endpoint(EndpointCmd::Create {
+            name,
+            branch_name,
+            lsn,
+            timestamp,
+            config,
+            pg_port,
+            http_port,
+            tenant_id,
+        }) => {
             let mut env = Env::load()?;
-            let ep =
-                env.create_endpoint(&name, tenant_id, &branch_name, lsn, timestamp.as_deref(), pg_port, http_port)?;
+            let ep = env.create_endpoint(
+                &name,
+                tenant_id,
+                &branch_name,
+                lsn,
+                timestamp.as_deref(),
+                &config,
+                pg_port,
+                http_port,
+            )?;
             println!("endpoint '{name}' ({}) created on branch '{branch_name}': {}", ep.mode_desc(), ep.connstr());
         }
         Cmd::Endpoint(EndpointCmd::Start { name }) => {

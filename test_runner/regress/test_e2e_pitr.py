@@ -107,3 +107,19 @@ def test_static_endpoints_at_lsns_and_timestamp(started_env):
     assert "ro1" not in nl.run("endpoint", "list").stdout
     assert "ro1" not in nl.config()["endpoints"]
     assert not (nl.repo_dir / "endpoints" / "ro1").exists()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pageserver: a backup at an LSN that is neither a commit end nor the last record needs prev_lsn, which nobody can supply",
+)
+def test_static_endpoint_at_an_lsn_timeline_list_showed(started_env):
+    """The LSN `timeline list` shows for a fresh branch (its start) stops being usable for a
+    read-only endpoint or a branch once newer WAL arrives."""
+    nl = started_env
+    start = nl.timeline_list().split(" at ")[1].split()[0]
+    main = nl.endpoint("main")
+    sql(main, "create table t(a int); insert into t values (1)")
+    nl.branch("later")  # waits until the pageserver has ingested the insert
+    ro = nl.endpoint("ro", "--lsn", start)
+    assert sql(ro, "select count(*) from pg_class where relname = 't'") == [(0,)]
