@@ -707,7 +707,11 @@ impl Env {
                 self.check_lsn_on_branch(t, ancestor, l)?;
                 Some(l)
             }
-            (None, Some(ts)) => Some(self.lsn_for_timestamp(t, ancestor, ts)?),
+            (None, Some(ts)) => {
+                let l = self.lsn_for_timestamp(t, ancestor, ts)?;
+                self.check_lsn_on_branch(t, ancestor, l).with_context(|| format!("timestamp {ts}"))?;
+                Some(l)
+            }
             // Without an LSN, branch at what the safekeepers have committed: everything a
             // client saw acknowledged (the pageserver waits until it has ingested that far).
             (None, None) => self.committed_lsn(t, parent),
@@ -871,7 +875,11 @@ impl Env {
                 self.check_lsn_on_branch(t, branch, l)?;
                 Some(l)
             }
-            (None, Some(ts)) => Some(self.lsn_for_timestamp(t, branch, ts)?),
+            (None, Some(ts)) => {
+                let l = self.lsn_for_timestamp(t, branch, ts)?;
+                self.check_lsn_on_branch(t, branch, l).with_context(|| format!("timestamp {ts}"))?;
+                Some(l)
+            }
             (None, None) => None,
         };
         if static_lsn.is_none() {

@@ -154,3 +154,40 @@ def test_compute_kill9_keeps_acknowledged_commits(started_env):
         _all_acked_present(main, ledger)
         # A fresh writer goes on where the old one stopped.
         assert one(main, "select max(id) from ledger") >= max(ledger.ids())
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_whole_stack_stop_and_start_with_branches(started_env, mode):
+    """`neon_local stop` (or kill -9 of everything) and `start`: every branch, at every depth,
+    comes back with its acknowledged rows; the pageserver reloads its timelines in ancestor
+    order and re-ingests what it had not flushed from the safekeepers."""
+    nl = started_env
+    main = nl.endpoint("main")
+    Ledger.create(main)
+    writers = {"main": Ledger(main).start()}
+    writers["main"].wait_rows(30)
+    nl.branch("a")
+    a = nl.endpoint("a", "--branch-name", "a")
+    writers["a"] = Ledger(a).start()
+    writers["a"].wait_rows(30)
+    nl.branch("b", "--ancestor-branch-name", "a")
+    b = nl.endpoint("b", "--branch-name", "b")
+    sql(b, "create table only_b(x int); insert into only_b values (42)")
+    for w in writers.values():
+        w.wait_rows(30)
+    # Everything at once, while the writers run (they stop at the first error).
+    nl.run("stop", "--mode", mode)
+    for w in writers.values():
+        w.halt()
+    status = nl.run("status").stdout
+    assert "running" not in status, status
+    nl.run("start")
+    conns = {name: nl.start_endpoint(name) for name in ["main", "a", "b"]}
+    for name, w in writers.items():
+        _all_acked_present(conns[name], w)
+    assert one(conns["b"], "select x from only_b") == 42
+    # And they keep working.
+    for name, c in conns.items():
+        sql(c, "insert into ledger default values")
+    listing = nl.timeline_list()
+    assert "<- main at" in listing and "<- a at" in listing, listing

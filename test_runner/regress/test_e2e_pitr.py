@@ -80,6 +80,28 @@ def test_branch_lsn_out_of_range_fails_cleanly(started_env):
     nl.fails("endpoint", "create", "ro", "--lsn", lsn_str(initdb_like + (1 << 30)), expect="beyond the last LSN")
     assert nl.state() == before
 
+    # Below a branch's own start (by LSN or by a time before it), on the branch itself.
+    early = lsn_int(one(main, "select pg_current_wal_insert_lsn()::text"))
+    time.sleep(0.3)
+    ts = one(main, "select to_char(clock_timestamp() at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
+    time.sleep(0.3)
+    sql(main, "insert into t values (2)")
+    start = nl.branch("b")
+    assert start > early
+    before = nl.state()
+    for args in [
+        ("timeline", "branch", "--branch-name", "c", "--ancestor-branch-name", "b", "--ancestor-start-lsn", lsn_str(early)),
+        ("timeline", "branch", "--branch-name", "c", "--ancestor-branch-name", "b", "--timestamp", ts),
+        ("endpoint", "create", "ro", "--branch-name", "b", "--lsn", lsn_str(early)),
+        ("endpoint", "create", "ro", "--branch-name", "b", "--timestamp", ts),
+    ]:
+        err = nl.fails(*args, expect=f"is before branch 'b' starts at {lsn_str(start)}")
+        assert "use its ancestor branch" in err
+    assert nl.state() == before
+    # On the ancestor, the same time works.
+    ro = nl.endpoint("ro", "--timestamp", ts)
+    assert one(ro, "select count(*) from t") == 1
+
 
 def test_static_endpoints_at_lsns_and_timestamp(started_env):
     nl = started_env
