@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use postgres_client::{Client, ConnectConfig};
+use postgres_ffi::controlfile::ControlFileData;
 use serde::Serialize;
 use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
@@ -56,20 +57,18 @@ async fn step<T>(
     r
 }
 
-/// The LSN a new primary starts at: where the safekeepers agree WAL is committed. Fast path: a
-/// quorum answers TIMELINE_STATUS with commit == flush at the same LSN and nobody has more WAL;
-/// otherwise run the election (sync-safekeepers).
-async fn primary_start_lsn(spec: &ComputeSpec) -> anyhow::Result<Lsn> {
+/// (flush, commit) LSN of the timeline on every safekeeper that answers TIMELINE_STATUS.
+async fn safekeeper_positions(spec: &ComputeSpec) -> Vec<(Lsn, Lsn)> {
     let mut answers = Vec::new();
     for sk in &spec.safekeepers {
-        let hp = host_port(sk)?;
-        let mut c = ConnectConfig::new(hp.host.clone(), hp.port, "compute_ctl");
-        c.options = vec![
-            ("tenant_id".into(), spec.tenant_id.to_string()),
-            ("timeline_id".into(), spec.timeline_id.to_string()),
-        ];
-        c.connect_timeout = Duration::from_secs(3);
         let r = async {
+            let hp = host_port(sk)?;
+            let mut c = ConnectConfig::new(hp.host.clone(), hp.port, "compute_ctl");
+            c.options = vec![
+                ("tenant_id".into(), spec.tenant_id.to_string()),
+                ("timeline_id".into(), spec.timeline_id.to_string()),
+            ];
+            c.connect_timeout = Duration::from_secs(3);
             let mut client = Client::connect(&c).await?;
             let rows = client.simple_query("TIMELINE_STATUS").await?;
             let row = rows.first().context("no row")?;
@@ -81,6 +80,23 @@ async fn primary_start_lsn(spec: &ComputeSpec) -> anyhow::Result<Lsn> {
             Err(e) => warn!("safekeeper {sk}: {e:#}"),
         }
     }
+    answers
+}
+
+/// What a replica must not start below: the highest commit LSN a safekeeper reports (read-only:
+/// a replica never runs the election, which would depose the primary).
+async fn replica_min_lsn(spec: &ComputeSpec) -> anyhow::Result<Lsn> {
+    let answers = safekeeper_positions(spec).await;
+    answers.iter().map(|(_, commit)| *commit).max().with_context(|| {
+        format!("no safekeeper of {:?} answered; a replica streams its WAL from them", spec.safekeepers)
+    })
+}
+
+/// The LSN a new primary starts at: where the safekeepers agree WAL is committed. Fast path: a
+/// quorum answers TIMELINE_STATUS with commit == flush at the same LSN and nobody has more WAL;
+/// otherwise run the election (sync-safekeepers).
+async fn primary_start_lsn(spec: &ComputeSpec) -> anyhow::Result<Lsn> {
+    let answers = safekeeper_positions(spec).await;
     let quorum = spec.safekeepers.len() / 2 + 1;
     if let Some(&(flush, _)) = answers.first() {
         let agree = answers.iter().filter(|(f, c)| *f == flush && *c == flush).count();
@@ -110,25 +126,32 @@ async fn primary_start_lsn(spec: &ComputeSpec) -> anyhow::Result<Lsn> {
     }
 }
 
+/// Fetches and unpacks the basebackup at `lsn`, or a hot standby's basebackup (at the timeline's
+/// latest running-xacts record) when `lsn` is `None`. Returns the tar size and the LSN the
+/// compute reads pages at (the checkpoint's redo LSN in the unpacked pg_control).
 async fn fetch_basebackup(
     spec: &ComputeSpec,
-    lsn: Lsn,
+    lsn: Option<Lsn>,
     pgdata: &Path,
     os_user: Option<&PgOsUser>,
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<(usize, Lsn)> {
     let hp = host_port(&spec.pageserver)?;
     let mut c = ConnectConfig::new(hp.host.clone(), hp.port, SUPERUSER);
     c.connect_timeout = Duration::from_secs(10);
     let mut client =
         Client::connect(&c).await.with_context(|| format!("connecting to the pageserver at {}", spec.pageserver))?;
+    let (at, what) = match lsn {
+        Some(lsn) => (lsn.to_string(), format!("at {lsn}")),
+        None => (format!("standby {}", replica_min_lsn(spec).await?), "for a hot standby".to_string()),
+    };
     let tar = client
-        .copy_out_to_vec(&format!("basebackup {} {} {lsn}", spec.tenant_id, spec.timeline_id), MAX_BASEBACKUP_BYTES)
+        .copy_out_to_vec(&format!("basebackup {} {} {at}", spec.tenant_id, spec.timeline_id), MAX_BASEBACKUP_BYTES)
         .await
-        .with_context(|| format!("basebackup of {}/{} at {lsn}", spec.tenant_id, spec.timeline_id))?;
+        .with_context(|| format!("basebackup of {}/{} {what}", spec.tenant_id, spec.timeline_id))?;
     let size = tar.len();
     let pgdata = pgdata.to_path_buf();
     let os_user = os_user.cloned();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+    let start_lsn = tokio::task::spawn_blocking(move || -> anyhow::Result<Lsn> {
         if pgdata.exists() {
             // The data directory is a cache of this compute's last life: never reused.
             std::fs::remove_dir_all(&pgdata).with_context(|| format!("removing old {}", pgdata.display()))?;
@@ -139,10 +162,24 @@ async fn fetch_basebackup(
         if let Some(u) = &os_user {
             u.chown_recursive(&pgdata)?;
         }
-        Ok(())
+        let control = std::fs::read(pgdata.join("global/pg_control")).context("reading the unpacked pg_control")?;
+        let control = ControlFileData::decode(&control).context("decoding the unpacked pg_control")?;
+        Ok(control.checkpoint_copy.redo)
     })
     .await??;
-    Ok(size)
+    Ok((size, start_lsn))
+}
+
+/// `primary_conninfo` of a replica: every safekeeper (libpq tries them in turn), the timeline in
+/// the startup options.
+fn replica_conninfo(spec: &ComputeSpec) -> anyhow::Result<String> {
+    let addrs = spec.safekeepers.iter().map(|s| host_port(s)).collect::<anyhow::Result<Vec<_>>>()?;
+    let hosts = addrs.iter().map(|a| a.host.as_str()).collect::<Vec<_>>().join(",");
+    let ports = addrs.iter().map(|a| a.port.to_string()).collect::<Vec<_>>().join(",");
+    Ok(format!(
+        "host={hosts} port={ports} user={SUPERUSER} application_name=replica options='-c tenant_id={} -c timeline_id={}'",
+        spec.tenant_id, spec.timeline_id
+    ))
 }
 
 fn write_config(spec: &ComputeSpec, pgdata: &Path, lsn: Lsn) -> anyhow::Result<()> {
@@ -157,13 +194,17 @@ fn write_config(spec: &ComputeSpec, pgdata: &Path, lsn: Lsn) -> anyhow::Result<(
     match spec.mode {
         ComputeMode::Primary => conf.push_str("synchronous_standby_names = 'walproposer'\nsynchronous_commit = on\n"),
         ComputeMode::Static => conf.push_str("hot_standby = on\n"),
+        ComputeMode::Replica => {
+            conf.push_str("hot_standby = on\n");
+            conf.push_str(&format!("primary_conninfo = {}\n", quote_literal(&replica_conninfo(spec)?)));
+        }
     }
     for (k, v) in &spec.settings {
         conf.push_str(&format!("{k} = {}\n", quote_literal(v)));
     }
     let path = pgdata.join("postgresql.conf");
     std::fs::write(&path, conf).with_context(|| format!("writing {}", path.display()))?;
-    if spec.mode == ComputeMode::Static {
+    if spec.mode != ComputeMode::Primary {
         std::fs::write(pgdata.join("standby.signal"), "")?;
     }
     Ok(())
@@ -252,12 +293,17 @@ pub async fn run(
     let t0 = Instant::now();
     let lsn = match spec.mode {
         ComputeMode::Primary => {
-            step(&status, "find the start LSN on the safekeepers", primary_start_lsn(&spec)).await?
+            Some(step(&status, "find the start LSN on the safekeepers", primary_start_lsn(&spec)).await?)
         }
-        ComputeMode::Static => spec.lsn.expect("validated"),
+        ComputeMode::Static => Some(spec.lsn.expect("validated")),
+        ComputeMode::Replica => None,
     };
+    let (size, redo_lsn) =
+        step(&status, "fetch the basebackup", fetch_basebackup(&spec, lsn, &pgdata, os_user.as_ref())).await?;
+    // Pages are read at the requested LSN (which the pageserver has), or for a replica at its
+    // backup's redo LSN, where its replay begins.
+    let lsn = lsn.unwrap_or(redo_lsn);
     status.lock().expect("status lock").start_lsn = Some(lsn);
-    let size = step(&status, "fetch the basebackup", fetch_basebackup(&spec, lsn, &pgdata, os_user.as_ref())).await?;
     info!("basebackup at {lsn}: {size} bytes");
     step(&status, "write postgresql.conf", async { write_config(&spec, &pgdata, lsn) }).await?;
     if let Some(u) = &os_user {
@@ -287,7 +333,11 @@ pub async fn run(
     } else {
         None
     };
-    step(&status, "apply roles and databases", apply_roles_and_databases(&spec)).await?;
+    if spec.mode == ComputeMode::Primary {
+        step(&status, "apply roles and databases", apply_roles_and_databases(&spec)).await?;
+    } else if !spec.roles.is_empty() || !spec.databases.is_empty() {
+        warn!("roles and databases in the spec are not applied: a read-only compute has those of its timeline");
+    }
     info!("compute running on port {} after {} ms", spec.pg_port, t0.elapsed().as_millis());
     status.lock().expect("status lock").status = "running".into();
 

@@ -12,6 +12,8 @@ pub enum ComputeMode {
     Primary,
     /// Read-only at `lsn` (or the LSN of `timestamp`).
     Static,
+    /// A hot standby: replays the timeline's WAL streamed from the safekeepers, read-only.
+    Replica,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -36,7 +38,7 @@ pub struct ComputeSpec {
     pub timeline_id: TimelineId,
     /// Pageserver libpq address, `host:port`.
     pub pageserver: String,
-    /// Safekeepers' libpq addresses (primary only).
+    /// Safekeepers' libpq addresses (primary: its WAL goes there; replica: it streams from them).
     #[serde(default)]
     pub safekeepers: Vec<String>,
     pub mode: ComputeMode,
@@ -58,8 +60,8 @@ impl ComputeSpec {
     pub fn parse(text: &str) -> anyhow::Result<ComputeSpec> {
         let spec: ComputeSpec = serde_json::from_str(text).map_err(|e| anyhow::anyhow!("bad compute spec: {e}"))?;
         match spec.mode {
-            ComputeMode::Primary if spec.safekeepers.is_empty() => {
-                anyhow::bail!("a primary needs safekeepers in its spec")
+            ComputeMode::Primary | ComputeMode::Replica if spec.safekeepers.is_empty() => {
+                anyhow::bail!("a primary or replica needs safekeepers in its spec")
             }
             ComputeMode::Static if spec.lsn.is_none() => anyhow::bail!("a static compute needs an lsn in its spec"),
             _ => {}

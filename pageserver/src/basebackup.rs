@@ -59,7 +59,7 @@ use postgres_ffi::slru::{
     clog_xid_to_page, multixact_id_to_offsets_page, mx_offset_to_member_page, page_to_segment, segment_file_name,
     SlruKind,
 };
-use postgres_ffi::wal_writer::shutdown_checkpoint_segments;
+use postgres_ffi::wal_writer::{shutdown_checkpoint_segments, standby_start_segments};
 use postgres_ffi::xlog_file::xlog_file_name;
 use postgres_ffi::xlog_page::{skip_page_header, XLogPageHeader};
 use postgres_ffi::{
@@ -190,16 +190,8 @@ pub fn write_basebackup<W: Write>(
 ) -> Result<BasebackupStats, BasebackupError> {
     let ctx = Ctx { timeline_id: timeline.timeline_id(), lsn };
     let prev_lsn = check_request(&ctx, timeline, lsn, prev_lsn)?;
-
-    // The control file and checkpoint first: they decide the WAL segment and the file times.
-    let cf_bytes = timeline.get_control_file(lsn).map_err(ctx.read("pg_control"))?;
-    let cf = ControlFileData::decode(&cf_bytes).map_err(|e| ctx.corrupt("the stored pg_control", e.to_string()))?;
-    let cp_bytes = timeline.get_checkpoint(lsn).map_err(ctx.read("the checkpoint"))?;
-    let cp = CheckPoint::decode(&cp_bytes, lsn).map_err(|e| ctx.corrupt("the stored checkpoint", e.to_string()))?;
+    let (cf, cp) = read_control(&ctx, timeline)?;
     let seg_size_bytes = cf.xlog_seg_size as usize;
-    if !seg_size_bytes.is_power_of_two() || !(WAL_SEGMENT_SIZE_MIN..=WAL_SEGMENT_SIZE_MAX).contains(&seg_size_bytes) {
-        return Err(ctx.corrupt("the stored pg_control", format!("WAL segment size {seg_size_bytes} is not valid")));
-    }
     let start_lsn = skip_page_header(lsn, seg_size_bytes);
     let mut checkpoint = cp;
     checkpoint.this_timeline_id = 1;
@@ -211,12 +203,89 @@ pub fn write_basebackup<W: Write>(
     control.state = DbState::Shutdowned;
     control.checkpoint = start_lsn;
     control.checkpoint_copy = wal.checkpoint;
+    let mut stats = write_tar(out, &ctx, timeline, kind, control, &cp, wal.segments, start_lsn)?;
+    stats.checkpoint_lsn = start_lsn;
+    stats.next_record_lsn = wal.end_lsn;
+    Ok(stats)
+}
+
+/// Writes a basebackup for a hot standby (`standby.signal`, streaming from the safekeepers) to
+/// `out`: the timeline's state just before its latest `XLOG_RUNNING_XACTS` record, that record,
+/// and an online checkpoint whose redo pointer is the record (see
+/// [`postgres_ffi::wal_writer::standby_start_segments`]). The standby's first replayed record
+/// is the running-xacts record, so it takes queries at once; `stats.next_record_lsn` is where its
+/// replay starts.
+pub fn write_standby_basebackup<W: Write>(
+    out: W,
+    timeline: &Timeline,
+    kind: BackupKind,
+) -> Result<BasebackupStats, BasebackupError> {
+    let last = timeline.get_last_record_lsn();
+    let last_ctx = Ctx { timeline_id: timeline.timeline_id(), lsn: last };
+    let start = timeline.get_standby_start(last).map_err(last_ctx.read("the standby start"))?.ok_or_else(|| {
+        last_ctx.invalid(
+            "the timeline has no running-transactions record yet, where a hot standby starts; a primary logs one at \
+             every checkpoint and every 15 s while it writes: start (or wait for) the primary"
+                .to_string(),
+        )
+    })?;
+    let lsn = start.lsn;
+    let ctx = Ctx { timeline_id: timeline.timeline_id(), lsn };
+    check_request(&ctx, timeline, lsn, Some(Lsn::INVALID))?;
+    let (cf, cp) = read_control(&ctx, timeline)?;
+    let rx = postgres_ffi::record::decode_record(start.record.clone(), lsn)
+        .and_then(|r| postgres_ffi::records::standby::parse_running_xacts(&r.main_data, lsn))
+        .map_err(|e| ctx.corrupt("the stored running-xacts record", e.to_string()))?;
+    let mut checkpoint = cp;
+    checkpoint.this_timeline_id = 1;
+    checkpoint.prev_timeline_id = 1;
+    checkpoint.oldest_active_xid = rx.oldest_running_xid;
+    let wal = standby_start_segments(lsn, &start.record, &checkpoint, cf.system_identifier, cf.xlog_seg_size as usize)
+        .map_err(|e| ctx.corrupt("the stored running-xacts record", e.to_string()))?;
+    let mut control = cf.clone();
+    control.state = DbState::ShutdownedInRecovery;
+    control.checkpoint = wal.checkpoint_lsn;
+    control.checkpoint_copy = wal.checkpoint;
+    let mut stats = write_tar(out, &ctx, timeline, kind, control, &cp, wal.segments, lsn)?;
+    stats.checkpoint_lsn = wal.checkpoint_lsn;
+    stats.next_record_lsn = lsn;
+    Ok(stats)
+}
+
+/// The stored pg_control and checkpoint at the request's LSN, checked.
+fn read_control(ctx: &Ctx, timeline: &Timeline) -> Result<(ControlFileData, CheckPoint), BasebackupError> {
+    let lsn = ctx.lsn;
+    let cf_bytes = timeline.get_control_file(lsn).map_err(ctx.read("pg_control"))?;
+    let cf = ControlFileData::decode(&cf_bytes).map_err(|e| ctx.corrupt("the stored pg_control", e.to_string()))?;
+    let cp_bytes = timeline.get_checkpoint(lsn).map_err(ctx.read("the checkpoint"))?;
+    let cp = CheckPoint::decode(&cp_bytes, lsn).map_err(|e| ctx.corrupt("the stored checkpoint", e.to_string()))?;
+    let seg_size_bytes = cf.xlog_seg_size as usize;
+    if !seg_size_bytes.is_power_of_two() || !(WAL_SEGMENT_SIZE_MIN..=WAL_SEGMENT_SIZE_MAX).contains(&seg_size_bytes) {
+        return Err(ctx.corrupt("the stored pg_control", format!("WAL segment size {seg_size_bytes} is not valid")));
+    }
+    Ok((cf, cp))
+}
+
+/// The archive: everything but the WAL and pg_control from the timeline at `ctx.lsn`, then the
+/// given WAL segments (pages before the one holding `first_record_lsn` cleared) and `control` (last, so a cut-off stream never yields a startable
+/// directory). `cp` is the stored checkpoint (its time is the files' mtime).
+fn write_tar<W: Write>(
+    out: W,
+    ctx: &Ctx,
+    timeline: &Timeline,
+    kind: BackupKind,
+    mut control: ControlFileData,
+    cp: &CheckPoint,
+    wal_segments: Vec<(u64, Vec<u8>)>,
+    first_record_lsn: Lsn,
+) -> Result<BasebackupStats, BasebackupError> {
+    let lsn = ctx.lsn;
     control.min_recovery_point = Lsn::INVALID;
     control.min_recovery_point_tli = 0;
     control.backup_start_point = Lsn::INVALID;
     control.backup_end_point = Lsn::INVALID;
     control.backup_end_required = false;
-
+    let seg_size_bytes = control.xlog_seg_size as usize;
     let mtime = u64::try_from(cp.time).unwrap_or(0);
     let mut tar = TarWriter::new(out, mtime);
     let io_err = |e: io::Error| BasebackupError::Io { timeline_id: ctx.timeline_id, lsn, source: e };
@@ -308,19 +377,16 @@ pub fn write_basebackup<W: Write>(
     }
 
     // The WAL segment(s) with the checkpoint record, then pg_control.
-    let tli = checkpoint.this_timeline_id;
-    for (i, (segno, mut bytes)) in wal.segments.into_iter().enumerate() {
+    let tli = control.checkpoint_copy.this_timeline_id;
+    for (i, (segno, mut bytes)) in wal_segments.into_iter().enumerate() {
         if i == 0 {
-            clear_pages_before(&mut bytes, start_lsn, tli, cf.system_identifier, seg_size_bytes);
+            clear_pages_before(&mut bytes, first_record_lsn, tli, control.system_identifier, seg_size_bytes);
         }
         tar.sparse_file(&format!("pg_wal/{}", xlog_file_name(tli, segno, seg_size_bytes)), &bytes).map_err(io_err)?;
     }
     tar.file("global/pg_control", &control.encode()).map_err(io_err)?;
 
-    let mut stats = tar.finish().map_err(io_err)?;
-    stats.checkpoint_lsn = start_lsn;
-    stats.next_record_lsn = wal.end_lsn;
-    Ok(stats)
+    tar.finish().map_err(io_err)
 }
 
 /// Checks `lsn` against the timeline and resolves the previous record's LSN.

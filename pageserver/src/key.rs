@@ -55,6 +55,7 @@ const TWOPHASE_FILE_FIELD5: u8 = 1;
 const CONTROLFILE_FIELD6: u32 = 0;
 const CHECKPOINT_FIELD6: u32 = 1;
 const LAST_COMMIT_FIELD6: u32 = 2;
+const STANDBY_START_FIELD6: u32 = 3;
 
 /// An 18-byte storage key; see the module docs for the layout. Field order = sort order.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -355,6 +356,16 @@ impl Key {
         Key { field1: KIND_CONTROL, field2: 0, field3: 0, field4: 0, field5: 0, field6: LAST_COMMIT_FIELD6 }
     }
 
+    /// The latest `XLOG_RUNNING_XACTS` record (its start LSN and exact bytes): where a hot
+    /// standby can begin replay with a snapshot ready (see `basebackup`'s standby backups).
+    pub const fn standby_start() -> Key {
+        Key { field1: KIND_CONTROL, field2: 0, field3: 0, field4: 0, field5: 0, field6: STANDBY_START_FIELD6 }
+    }
+
+    pub fn is_standby_start_key(&self) -> bool {
+        *self == Key::standby_start()
+    }
+
     pub fn is_twophase_dir_key(&self) -> bool {
         *self == Key::twophase_dir()
     }
@@ -617,10 +628,11 @@ mod tests {
             Key::controlfile(),
             Key::checkpoint(),
             Key::last_commit(),
+            Key::standby_start(),
         ];
         let classify = |k: &Key| -> Vec<&'static str> {
             let mut v = vec![];
-            let checks: [(&str, bool); 13] = [
+            let checks: [(&str, bool); 14] = [
                 ("relblock", k.is_rel_block_key()),
                 ("relsize", k.is_rel_size_key()),
                 ("dbdir", k.is_dbdir_key()),
@@ -634,6 +646,7 @@ mod tests {
                 ("control", k.is_controlfile_key()),
                 ("checkpoint", k.is_checkpoint_key()),
                 ("lastcommit", k.is_last_commit_key()),
+                ("standbystart", k.is_standby_start_key()),
             ];
             for (name, hit) in checks {
                 if hit {
@@ -656,6 +669,7 @@ mod tests {
             "control",
             "checkpoint",
             "lastcommit",
+            "standbystart",
         ];
         for (k, name) in all.iter().zip(expected) {
             assert_eq!(classify(k), vec![name], "{k:?}");

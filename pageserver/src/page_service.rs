@@ -4,7 +4,10 @@
 //!   and responses (GetPage@LSN, Nblocks, Exists, DbSize, GetSlruSegment);
 //! - `basebackup <tenant_id> <timeline_id> [lsn [prev_lsn]]`: COPY OUT of a compute start tarball
 //!   (DESIGN D4);
-//! - `fullbackup <tenant_id> <timeline_id> [lsn [prev_lsn]]`: the same with every relation file.
+//! - `fullbackup <tenant_id> <timeline_id> [lsn [prev_lsn]]`: the same with every relation file;
+//! - `basebackup <tenant_id> <timeline_id> standby [min_lsn]`: a hot standby's start tarball, at
+//!   the timeline's latest running-xacts record once `min_lsn` is ingested (see
+//!   `basebackup::write_standby_basebackup`).
 //!
 //! `prev_lsn` is the start of the record ending at `lsn` (the backup's checkpoint record's
 //! `xl_prev`). The timeline knows it at its last record LSN and at the end of every commit
@@ -27,7 +30,7 @@ use pq_proto::{CopyMessage, PostgresBackend, QueryError, QueryHandler, SqlState,
 use tracing::{debug, error};
 use utils::{Lsn, TenantId, TimelineId};
 
-use crate::basebackup::{write_basebackup, BackupKind, BasebackupError};
+use crate::basebackup::{write_basebackup, write_standby_basebackup, BackupKind, BasebackupError};
 use crate::pgdatadir_mapping::DatadirError;
 use crate::tenant::timeline::Timeline;
 use crate::tenant_mgr::TenantManager;
@@ -64,6 +67,17 @@ impl QueryHandler for PageServiceHandler {
                 let tl = self.timeline(tenant, timeline)?;
                 pagestream(pgb, tl, self.mgr.conf.wait_lsn_timeout).await
             }
+            ["basebackup", tenant, timeline, "standby", rest @ ..] if rest.len() <= 1 => {
+                let tl = self.timeline(tenant, timeline)?;
+                if let Some(s) = rest.first() {
+                    // Not below what the caller has seen committed: wait for it to be ingested.
+                    let lsn = s.parse::<Lsn>().map_err(|e| user_err(SqlState::INVALID_PARAMETER_VALUE, e.to_string()))?;
+                    tl.wait_lsn(lsn, self.mgr.conf.wait_lsn_timeout)
+                        .await
+                        .map_err(|e| user_err(SqlState::INVALID_PARAMETER_VALUE, e.to_string()))?;
+                }
+                standby_basebackup(pgb, tl).await
+            }
             [cmd @ ("basebackup" | "fullbackup"), tenant, timeline, rest @ ..] if rest.len() <= 2 => {
                 let tl = self.timeline(tenant, timeline)?;
                 let parse = |s: &str| {
@@ -83,7 +97,7 @@ impl QueryHandler for PageServiceHandler {
             _ => Err(user_err(
                 SqlState::FEATURE_NOT_SUPPORTED,
                 format!(
-                    "pageserver does not understand '{}': use pagestream, basebackup or fullbackup <tenant_id> <timeline_id> [lsn [prev_lsn]]",
+                    "pageserver does not understand '{}': use pagestream, basebackup or fullbackup <tenant_id> <timeline_id> [lsn [prev_lsn]], or basebackup <tenant_id> <timeline_id> standby [min_lsn]",
                     query.chars().take(80).collect::<String>()
                 ),
             )),
@@ -168,6 +182,27 @@ async fn handle_request(tl: &Arc<Timeline>, req: PagestreamRequest, wait: std::t
     }
 }
 
+/// A hot standby's start tarball at the timeline's latest running-xacts record.
+async fn standby_basebackup(pgb: &mut PostgresBackend, tl: Arc<Timeline>) -> Result<(), QueryError> {
+    let tar = tokio::task::spawn_blocking(move || {
+        let mut buf = Vec::new();
+        write_standby_basebackup(&mut buf, &tl, BackupKind::Compute).map(|_| buf)
+    })
+    .await
+    .map_err(|e| user_err(SqlState::INTERNAL_ERROR, e.to_string()))?
+    .map_err(|e| user_err(SqlState::INTERNAL_ERROR, format!("standby basebackup: {e}")))?;
+    send_tar(pgb, tar).await
+}
+
+async fn send_tar(pgb: &mut PostgresBackend, tar: Vec<u8>) -> Result<(), QueryError> {
+    pgb.start_copy_out().await?;
+    for chunk in Bytes::from(tar).chunks(64 * 1024) {
+        pgb.write_copy_data(chunk).await?;
+    }
+    pgb.finish_copy("COPY 0").await?;
+    Ok(())
+}
+
 async fn basebackup(
     pgb: &mut PostgresBackend,
     tl: Arc<Timeline>,
@@ -203,10 +238,5 @@ async fn basebackup(
         }
         user_err(SqlState::INTERNAL_ERROR, format!("basebackup at {lsn}: {e}"))
     })?;
-    pgb.start_copy_out().await?;
-    for chunk in Bytes::from(tar).chunks(64 * 1024) {
-        pgb.write_copy_data(chunk).await?;
-    }
-    pgb.finish_copy("COPY 0").await?;
-    Ok(())
+    send_tar(pgb, tar).await
 }

@@ -229,6 +229,44 @@ fn check_rel(rel: RelTag) -> Result<(), String> {
     Ok(())
 }
 
+/// The value under [`Key::standby_start`]: the latest `XLOG_RUNNING_XACTS` record at or below
+/// the LSN it is read at.
+///
+/// ```text
+///  u8 format version (1) | u64 start LSN (BE) | the record's bytes (xl_tot_len of them)
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StandbyStart {
+    /// Where the record starts: the LSN a standby started from it begins replay at.
+    pub lsn: Lsn,
+    /// The whole record as it is in the WAL, header included.
+    pub record: Bytes,
+}
+
+impl StandbyStart {
+    const VERSION: u8 = 1;
+
+    pub fn encode(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(9 + self.record.len());
+        b.put_u8(Self::VERSION);
+        b.put_u64(self.lsn.0);
+        b.extend_from_slice(&self.record);
+        b.freeze()
+    }
+
+    pub fn decode(b: &[u8]) -> Result<StandbyStart, String> {
+        if b.len() < 9 + 24 || b[0] != Self::VERSION {
+            return Err(format!(
+                "{} bytes with format version {:?}, expected version 1 and a record",
+                b.len(),
+                b.first()
+            ));
+        }
+        let lsn = Lsn(u64::from_be_bytes(b[1..9].try_into().expect("8 bytes")));
+        Ok(StandbyStart { lsn, record: Bytes::copy_from_slice(&b[9..]) })
+    }
+}
+
 /// The value under [`Key::last_commit`]: the latest transaction commit record (one that set
 /// clog bits) at or below the LSN it is read at.
 ///
@@ -505,6 +543,14 @@ impl Timeline {
     }
 
     /// The latest commit at or below `lsn` (here or in an ancestor); `None` before any commit.
+    /// The latest running-xacts record at or below `lsn`, where a hot standby can start.
+    pub fn get_standby_start(&self, lsn: Lsn) -> Result<Option<StandbyStart>, DatadirError> {
+        let key = Key::standby_start();
+        self.get_optional(key, lsn)?
+            .map(|v| StandbyStart::decode(&v).map_err(|d| self.corrupt("standby start", key, lsn, d)))
+            .transpose()
+    }
+
     pub fn get_last_commit(&self, lsn: Lsn) -> Result<Option<LastCommit>, DatadirError> {
         let key = Key::last_commit();
         self.get_optional(key, lsn)?
@@ -963,6 +1009,10 @@ impl<'a> DatadirModification<'a> {
     }
 
     /// Records `commit` as the latest commit (written at the commit record's end LSN).
+    pub fn put_standby_start(&mut self, start: &StandbyStart) -> Result<(), DatadirError> {
+        self.put(Key::standby_start(), Value::Image(start.encode()))
+    }
+
     pub fn put_last_commit(&mut self, commit: &LastCommit) -> Result<(), DatadirError> {
         self.put(Key::last_commit(), Value::Image(commit.encode()))
     }

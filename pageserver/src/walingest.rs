@@ -71,7 +71,7 @@ use postgres_ffi::{
 };
 use utils::{Lsn, TimelineId};
 
-use crate::pgdatadir_mapping::{zero_page, DatadirError, DatadirModification, LastCommit};
+use crate::pgdatadir_mapping::{zero_page, DatadirError, DatadirModification, LastCommit, StandbyStart};
 use crate::tenant::timeline::Timeline;
 use crate::value::{MultiXactMember, WalRecord};
 
@@ -313,6 +313,8 @@ impl WalIngest {
                 self.checkpoint.oldest_active_xid = rx.oldest_running_xid;
                 self.advance_next_xid_to(rx.next_xid);
                 self.checkpoint_modified = true;
+                // A hot standby can start replay here (basebackup's standby flavour).
+                m.put_standby_start(&StandbyStart { lsn: rec.lsn, record: rec.raw.clone() })?;
             }
             RecordBody::Heap(v) => self.ingest_vm_clear(&v, m)?,
         }

@@ -32,6 +32,9 @@ pub struct SafekeeperHandler {
     pub timelines: Arc<GlobalTimelines>,
 }
 
+/// The user name the pageserver's WAL receiver connects as.
+const PAGESERVER_USER: &str = "pageserver";
+
 fn user_err(code: SqlState, msg: impl Into<String>) -> QueryError {
     QueryError::User(UserError::new(code, msg))
 }
@@ -147,7 +150,12 @@ impl QueryHandler for SafekeeperHandler {
                 .await?;
                 Ok(())
             }
-            Command::StartReplication { start_lsn, term } => send_wal(pgb, tl, start_lsn, term).await,
+            Command::StartReplication { start_lsn, term } => {
+                // The pageserver's progress reports count as remote-consistent LSNs; a hot standby's
+                // (any other reader) do not.
+                let is_pageserver = pgb.startup_params().is_some_and(|p| p.user() == PAGESERVER_USER);
+                send_wal(pgb, tl, start_lsn, term, is_pageserver).await
+            }
         }
     }
 }
@@ -254,10 +262,17 @@ async fn read_proposer_message(pgb: &mut PostgresBackend) -> Result<Option<Propo
 async fn send_wal(
     pgb: &mut PostgresBackend,
     tl: Arc<Timeline>,
-    start_lsn: Lsn,
+    mut start_lsn: Lsn,
     term: Option<Term>,
+    is_pageserver: bool,
 ) -> Result<(), QueryError> {
     let st = tl.status();
+    let seg = tl.wal_seg_size_bytes();
+    if start_lsn < st.local_start_lsn && start_lsn.0 / seg == st.local_start_lsn.0 / seg {
+        // A Postgres standby asks for whole segments; the first one of a timeline is partial
+        // here, and what precedes the timeline's start is not needed by any reader of it.
+        start_lsn = st.local_start_lsn;
+    }
     if start_lsn < st.local_start_lsn {
         return Err(user_err(
             SqlState::INVALID_PARAMETER_VALUE,
@@ -303,7 +318,7 @@ async fn send_wal(
         }
         tokio::select! {
             m = pgb.read_copy_message() => match m? {
-                CopyMessage::Data(d) => handle_feedback(&tl, &d),
+                CopyMessage::Data(d) => handle_feedback(&tl, &d, is_pageserver),
                 CopyMessage::Done => {
                     pgb.finish_copy("COPY 0").await?;
                     return Ok(());
@@ -324,10 +339,13 @@ async fn send_wal(
     }
 }
 
-fn handle_feedback(tl: &Timeline, data: &[u8]) {
+fn handle_feedback(tl: &Timeline, data: &[u8], is_pageserver: bool) {
     match FeedbackMessage::decode(data) {
-        // Readers report remote-consistent progress (pageserver) in the apply field.
-        Ok(FeedbackMessage::StandbyStatus { apply_lsn, .. }) => tl.update_remote_consistent_lsn(apply_lsn),
+        // The pageserver reports its remote-consistent LSN in the apply field.
+        Ok(FeedbackMessage::StandbyStatus { apply_lsn, .. }) if is_pageserver => {
+            tl.update_remote_consistent_lsn(apply_lsn)
+        }
+        Ok(FeedbackMessage::StandbyStatus { .. }) => {}
         Ok(FeedbackMessage::HotStandby { .. }) => {}
         Err(e) => debug!("ignoring unknown feedback from a WAL reader: {e}"),
     }

@@ -131,6 +131,10 @@ impl Timeline {
         }
     }
 
+    pub fn wal_seg_size_bytes(&self) -> u64 {
+        u64::from(self.lock().state().server.wal_seg_size)
+    }
+
     pub fn update_remote_consistent_lsn(&self, lsn: Lsn) {
         self.lock().update_remote_consistent_lsn(lsn);
     }

@@ -1,6 +1,7 @@
 //! Writing WAL: record encoding (`XLogRecordAssemble`), a WAL stream builder that lays
 //! records across pages and segments with correct page headers, and the segment holding a
-//! single shutdown checkpoint that lets a compute start at an arbitrary LSN (DESIGN D4).
+//! single shutdown checkpoint that lets a compute start at an arbitrary LSN (DESIGN D4), or
+//! the WAL that starts a hot standby at a running-xacts record.
 
 use utils::Lsn;
 
@@ -11,9 +12,10 @@ use crate::record::{
     BKPIMAGE_APPLY, BKPIMAGE_HAS_HOLE, SIZE_OF_XLOG_RECORD, XLOG_RECORD_MAX_SIZE, XLR_BLOCK_ID_DATA_LONG,
     XLR_BLOCK_ID_DATA_SHORT, XLR_BLOCK_ID_ORIGIN, XLR_BLOCK_ID_TOPLEVEL_XID, XLR_MAX_BLOCK_ID, XL_CRC_OFFSET,
 };
-use crate::records::xlog::{XLOG_CHECKPOINT_SHUTDOWN, XLOG_SWITCH};
+use crate::records::standby::XLOG_RUNNING_XACTS;
+use crate::records::xlog::{XLOG_CHECKPOINT_ONLINE, XLOG_CHECKPOINT_SHUTDOWN, XLOG_SWITCH};
 use crate::reltag::{RelFileNode, MAX_FORKNUM};
-use crate::rmgr::RM_XLOG_ID;
+use crate::rmgr::{RM_STANDBY_ID, RM_XLOG_ID};
 use crate::xlog_page::{is_valid_record_start, XLogPageHeader};
 use crate::{BlockNumber, TransactionId, BLCKSZ, WAL_SEGMENT_SIZE_MAX, WAL_SEGMENT_SIZE_MIN, XLOG_BLCKSZ};
 
@@ -415,6 +417,73 @@ pub fn shutdown_checkpoint_segments(
     Ok(CheckpointSegments { segments, checkpoint: cp, end_lsn })
 }
 
+/// The WAL that starts a hot standby (see [`standby_start_segments`]).
+#[derive(Debug, Clone)]
+pub struct StandbyStartSegments {
+    /// (segment number, whole segment bytes), from the segment holding the running-xacts record.
+    pub segments: Vec<(u64, Vec<u8>)>,
+    /// The online checkpoint as written (`redo` = the running-xacts record's start).
+    pub checkpoint: CheckPoint,
+    /// Where the checkpoint record is: pg_control's checkpoint location.
+    pub checkpoint_lsn: Lsn,
+}
+
+/// Builds zeroed segment(s) that start a hot standby at `rx_lsn`, the start of a real
+/// `XLOG_RUNNING_XACTS` record whose exact bytes are `rx_record`. The record is copied to
+/// `rx_lsn`; an `XLOG_CHECKPOINT_ONLINE` record with `redo = rx_lsn` (and
+/// `oldestActiveXid` from the caller's `checkpoint`) goes two pages past the record's end.
+///
+/// Postgres reads the checkpoint first, then begins replay at its redo pointer (an earlier
+/// position, so no `xl_prev` check applies to the first record): it replays the running-xacts
+/// record, which makes its snapshot ready for queries, and finds nothing but zeros where the next
+/// record starts, so it turns to streaming replication for the real WAL from there on (which
+/// overwrites the whole segment, synthetic checkpoint included). The two pages of distance keep
+/// the checkpoint from being taken for the record that follows the running-xacts record.
+pub fn standby_start_segments(
+    rx_lsn: Lsn,
+    rx_record: &[u8],
+    checkpoint: &CheckPoint,
+    system_id: u64,
+    seg_size_bytes: usize,
+) -> Result<StandbyStartSegments, WalWriteError> {
+    if !is_valid_record_start(rx_lsn, seg_size_bytes) {
+        return Err(werr(format!("{rx_lsn} is not a valid record start")));
+    }
+    let header = XLogRecordHeader::decode(rx_record).ok_or_else(|| werr("the running-xacts record is too short"))?;
+    if header.xl_rmid != RM_STANDBY_ID
+        || header.rmgr_info() != XLOG_RUNNING_XACTS
+        || header.xl_tot_len as usize != rx_record.len()
+    {
+        return Err(werr(format!(
+            "the record at {rx_lsn} is not a whole XLOG_RUNNING_XACTS record (rmgr {}, info {:#x}, {} of {} bytes)",
+            header.xl_rmid,
+            header.rmgr_info(),
+            rx_record.len(),
+            header.xl_tot_len
+        )));
+    }
+    let seg = seg_size_bytes as u64;
+    let seg_start = Lsn(rx_lsn.0 / seg * seg);
+    let mut builder =
+        WalBuilder::new(seg_start, header.xl_prev, system_id, checkpoint.this_timeline_id, seg_size_bytes)?;
+    builder.continuation_gap_to(rx_lsn)?;
+    let (start, rx_end) = builder.append_encoded(rx_record);
+    debug_assert_eq!(start, rx_lsn);
+    let checkpoint_page = Lsn(rx_end.page_start().0 + 2 * PAGE);
+    builder.zero_fill_to(checkpoint_page);
+    let mut cp = *checkpoint;
+    cp.redo = rx_lsn;
+    let spec = RecordSpec::main_data_only(RM_XLOG_ID, XLOG_CHECKPOINT_ONLINE, 0, &cp.encode());
+    let (checkpoint_lsn, _) = builder.append(&spec)?;
+    let mut bytes = builder.into_bytes();
+    let total = (bytes.len() as u64).div_ceil(seg) * seg;
+    bytes.resize(total as usize, 0);
+    let first_segno = seg_start.0 / seg;
+    let segments =
+        bytes.chunks(seg_size_bytes).enumerate().map(|(i, chunk)| (first_segno + i as u64, chunk.to_vec())).collect();
+    Ok(StandbyStartSegments { segments, checkpoint: cp, checkpoint_lsn })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -462,6 +531,57 @@ mod tests {
             }
         }
         recs
+    }
+
+    /// Reads the records from `at` onwards (a record start) out of the built segments.
+    fn records_from(
+        segments: &[(u64, Vec<u8>)],
+        at: Lsn,
+        seg: usize,
+        n: usize,
+    ) -> Vec<crate::wal_decoder::WalRecordBytes> {
+        let first = segments[0].0 * seg as u64;
+        let all: Vec<u8> = segments.iter().flat_map(|(_, b)| b.iter().copied()).collect();
+        let cfg = WalDecoderConfig { segment_size_bytes: seg, system_id: Some(42), prev_record_lsn: None };
+        let mut d = WalStreamDecoder::with_config(at, cfg).unwrap();
+        d.feed(&all[(at.0 - first) as usize..]);
+        (0..n).map(|_| d.poll_record().unwrap().expect("a record")).collect()
+    }
+
+    #[test]
+    fn standby_start_has_the_running_xacts_record_then_a_checkpoint_two_pages_on() {
+        let seg = WAL_SEGMENT_SIZE;
+        let base = 7 * seg as u64;
+        let mut main = Vec::new();
+        for v in [1u32, 0, 0, 900, 850, 899] {
+            main.extend_from_slice(&v.to_le_bytes()); // xcnt, subxcnt, overflow, next, oldest, latest
+        }
+        main.extend_from_slice(&850u32.to_le_bytes());
+        let spec = RecordSpec::main_data_only(RM_STANDBY_ID, XLOG_RUNNING_XACTS, 0, &main);
+        for pos in [base + 40, base + 8192 - 40, base + seg as u64 - 8192 + 24, base + 3 * 8192 + 4000] {
+            let rx_lsn = Lsn(pos);
+            let rx = encode_record(&spec, Lsn(pos - 64)).unwrap();
+            let mut cp = checkpoint();
+            cp.oldest_active_xid = 850;
+            let out = standby_start_segments(rx_lsn, &rx, &cp, 42, seg).unwrap();
+            assert!(out.segments.iter().all(|(_, b)| b.len() == seg));
+            let got = records_from(&out.segments, rx_lsn, seg, 1);
+            assert_eq!(&got[0].record[..], &rx[..], "the running-xacts record is copied byte for byte");
+            assert!(out.checkpoint_lsn.0 >= got[0].end_lsn.page_start().0 + 2 * 8192);
+            let ck = records_from(&out.segments, out.checkpoint_lsn, seg, 1);
+            let h = XLogRecordHeader::decode(&ck[0].record).unwrap();
+            assert_eq!((h.xl_rmid, h.rmgr_info()), (RM_XLOG_ID, XLOG_CHECKPOINT_ONLINE));
+            let decoded = decode_record(ck[0].record.clone(), out.checkpoint_lsn).unwrap();
+            let body = CheckPoint::decode(&decoded.main_data, out.checkpoint_lsn).unwrap();
+            assert_eq!((body.redo, body.oldest_active_xid), (rx_lsn, 850));
+            // What follows the running-xacts record is zeros: Postgres must turn to streaming.
+            let first = out.segments[0].0 * seg as u64;
+            let all: Vec<u8> = out.segments.iter().flat_map(|(_, b)| b.iter().copied()).collect();
+            let next = crate::xlog_page::skip_page_header(got[0].end_lsn, seg);
+            assert!(all[(next.0 - first) as usize..][..24].iter().all(|b| *b == 0));
+        }
+        let not_rx = encode_record(&RecordSpec::main_data_only(RM_XLOG_ID, XLOG_SWITCH, 0, &[]), Lsn(0)).unwrap();
+        assert!(standby_start_segments(Lsn(base + 40), &not_rx, &checkpoint(), 42, seg).is_err());
     }
 
     #[test]
