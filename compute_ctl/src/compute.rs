@@ -313,7 +313,9 @@ pub async fn run(
     cmd.arg("-D").arg(&pgdata).stdin(Stdio::null()).kill_on_drop(true);
     let mut child = cmd.spawn().context("starting postgres")?;
     step(&status, "start Postgres", wait_ready(spec.pg_port, &pgdata, &mut child)).await?;
-    let wp_stop = shutdown.child_token();
+    // Not a child of `shutdown`: the walproposer stops after Postgres, so that it can still pass
+    // on the WAL Postgres writes while shutting down.
+    let wp_stop = CancellationToken::new();
     let mut walproposer = if spec.mode == ComputeMode::Primary {
         let cfg = DriverConfig {
             safekeepers: spec.safekeepers.iter().map(|s| host_port(s)).collect::<anyhow::Result<_>>()?,
@@ -342,6 +344,9 @@ pub async fn run(
     status.lock().expect("status lock").status = "running".into();
 
     let result = tokio::select! {
+        // A requested stop wins over whatever it sets off.
+        biased;
+        _ = shutdown.cancelled() => Ok(()),
         s = child.wait() => Err(anyhow::anyhow!("Postgres exited unexpectedly ({}); the compute is gone, start a new one", s?)),
         r = async { match walproposer.as_mut() { Some(h) => h.await, None => std::future::pending().await } } => {
             match r {
@@ -350,7 +355,6 @@ pub async fn run(
                 Err(e) => Err(anyhow::anyhow!("the walproposer task failed: {e}")),
             }
         }
-        _ = shutdown.cancelled() => Ok(()),
     };
     // Fast shutdown of Postgres (SIGINT), then stop the walproposer.
     if let Some(pid) = child.id() {
