@@ -23,6 +23,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::stream::{FuturesOrdered, StreamExt};
 use pageserver_api::pagestream::{PagestreamRequest, PagestreamResponse, RelTagWire, SlruKind as WireSlruKind};
 use postgres_ffi::slru::SlruKind;
 use postgres_ffi::RelTag;
@@ -105,24 +106,46 @@ impl QueryHandler for PageServiceHandler {
     }
 }
 
+/// Requests of one pagestream connection handled at once: a compute pipelines its GetPage
+/// requests (read-ahead), and they are served concurrently, answered in request order.
+const PAGESTREAM_MAX_CONCURRENT_REQUESTS: usize = 32;
+
 async fn pagestream(pgb: &mut PostgresBackend, tl: Arc<Timeline>, wait: std::time::Duration) -> Result<(), QueryError> {
     pgb.start_copy_both().await?;
+    let mut in_flight = FuturesOrdered::new();
+    let mut client_done = false;
     loop {
-        let data = match pgb.read_copy_message().await? {
-            CopyMessage::Data(d) => d,
-            CopyMessage::Done => {
-                pgb.finish_copy("COPY 0").await?;
-                return Ok(());
+        if client_done && in_flight.is_empty() {
+            pgb.finish_copy("COPY 0").await?;
+            return Ok(());
+        }
+        tokio::select! {
+            // Answers first, in request order; reading is cancel-safe (bytes stay buffered).
+            biased;
+            Some(resp) = in_flight.next(), if !in_flight.is_empty() => {
+                let resp: PagestreamResponse = resp;
+                pgb.write_copy_data(&resp.encode()).await?;
+                pgb.flush().await?;
             }
-            CopyMessage::Fail(m) => return Err(user_err(SqlState::QUERY_CANCELED, format!("client aborted: {m}"))),
-        };
-        let resp = match PagestreamRequest::decode(&data) {
-            Ok(req) => handle_request(&tl, req, wait).await,
-            // A malformed request cannot be matched to an id; answer and end the stream.
-            Err(e) => return Err(user_err(SqlState::PROTOCOL_VIOLATION, format!("bad pagestream request: {e}"))),
-        };
-        pgb.write_copy_data(&resp.encode()).await?;
-        pgb.flush().await?;
+            msg = pgb.read_copy_message(), if !client_done && in_flight.len() < PAGESTREAM_MAX_CONCURRENT_REQUESTS => {
+                match msg? {
+                    CopyMessage::Data(data) => match PagestreamRequest::decode(&data) {
+                        Ok(req) => {
+                            let tl = tl.clone();
+                            in_flight.push_back(async move { handle_request(&tl, req, wait).await });
+                        }
+                        // A malformed request cannot be matched to an id; answer and end the stream.
+                        Err(e) => {
+                            return Err(user_err(SqlState::PROTOCOL_VIOLATION, format!("bad pagestream request: {e}")))
+                        }
+                    },
+                    CopyMessage::Done => client_done = true,
+                    CopyMessage::Fail(m) => {
+                        return Err(user_err(SqlState::QUERY_CANCELED, format!("client aborted: {m}")))
+                    }
+                }
+            }
+        }
     }
 }
 

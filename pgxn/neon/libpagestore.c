@@ -5,13 +5,13 @@
  *	  backend, opened on first use, `pagestream <tenant> <timeline>`, then one
  *	  request and one response per CopyData (libs/pageserver_api pagestream.rs).
  *
- * Every wait (connect, send, receive) is bounded by neon.pageserver_timeout
- * and wakes for interrupts, so an unreachable pageserver is an SQL ERROR
- * that names it, never a hang. A connection that broke under an
- * established stream is reopened once per request (the pageserver may have
- * restarted); a failed connect is reported at once. A request abandoned by
- * an error (timeout, cancel) leaves its answer in flight, so the
- * connection is dropped and the next request opens a new one.
+ * Every wait (connect, send, receive) wakes for interrupts; a pageserver
+ * that cannot be reached or broke the stream is retried with backoff until
+ * neon.pageserver_timeout has passed since the request began, then the
+ * query gets an SQL ERROR that names it. A request abandoned by an error
+ * (timeout, cancel) leaves its answer in flight, so the connection is
+ * dropped and the next request opens a new one. GetPage requests are
+ * pipelined (see "Prefetch" below).
  *
  * Errors name the pageserver by host:port, never by the connection string,
  * which may carry a password (DESIGN D9).
@@ -25,6 +25,7 @@
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "storage/latch.h"
+#include "utils/memutils.h"
 #include "utils/timestamp.h"
 
 #include "neon.h"
@@ -55,6 +56,8 @@ static uint64 ps_next_request_id = 1;
 static char ps_name[256] = "";	/* host:port, for messages */
 static char ps_errmsg[1024] = "";
 
+static void pf_reset(void);
+
 static void
 ps_disconnect(void)
 {
@@ -62,6 +65,7 @@ ps_disconnect(void)
 		PQfinish(ps_conn);
 	ps_conn = NULL;
 	ps_request_in_flight = false;
+	pf_reset();
 }
 
 static PsStatus
@@ -185,14 +189,10 @@ ps_connect(TimestampTz deadline)
 	return PS_OK;
 }
 
-/* Sends one request and receives its answer into *resp (palloc'd). */
+/* Sends one request (queued in libpq's buffer, flushed). */
 static PsStatus
-ps_exchange(StringInfo req, char **resp, int *resp_len, TimestampTz deadline)
+ps_send(StringInfo req, TimestampTz deadline)
 {
-	char	   *buf = NULL;
-	int			n;
-
-	ps_request_in_flight = true;
 	if (PQputCopyData(ps_conn, req->data, req->len) != 1)
 		return ps_fail(PS_BROKEN, "could not send request");
 	for (;;)
@@ -202,12 +202,21 @@ ps_exchange(StringInfo req, char **resp, int *resp_len, TimestampTz deadline)
 		if (f < 0)
 			return ps_fail(PS_BROKEN, "could not send request");
 		if (f == 0)
-			break;
+			return PS_OK;
 		if (!ps_wait(WL_SOCKET_WRITEABLE, deadline))
 			return ps_fail(PS_TIMEOUT, "could not send request");
 		if (!PQconsumeInput(ps_conn))
 			return ps_fail(PS_BROKEN, "could not send request");
 	}
+}
+
+/* Receives the next answer into *resp (palloc'd). */
+static PsStatus
+ps_receive(char **resp, int *resp_len, TimestampTz deadline)
+{
+	char	   *buf = NULL;
+	int			n;
+
 	for (;;)
 	{
 		n = PQgetCopyData(ps_conn, &buf, 1);
@@ -238,8 +247,214 @@ ps_exchange(StringInfo req, char **resp, int *resp_len, TimestampTz deadline)
 	memcpy(*resp, buf, n);
 	*resp_len = n;
 	PQfreemem(buf);
-	ps_request_in_flight = false;
 	return PS_OK;
+}
+
+/* Sends one request and receives its answer into *resp (palloc'd). */
+static PsStatus
+ps_exchange(StringInfo req, char **resp, int *resp_len, TimestampTz deadline)
+{
+	PsStatus	st;
+
+	ps_request_in_flight = true;
+	st = ps_send(req, deadline);
+	if (st == PS_OK)
+		st = ps_receive(resp, resp_len, deadline);
+	if (st == PS_OK)
+		ps_request_in_flight = false;
+	return st;
+}
+
+/*
+ * Prefetch: GetPage requests sent ahead of need, their answers received in
+ * request order (the pageserver answers a connection's requests in order).
+ * A ring of PS_PREFETCH_MAX entries, by monotonically increasing counters:
+ * [pf_head, pf_recv) answered (or consumed), [pf_recv, pf_tail) in flight.
+ * Pages at the start LSN never change, so an answer never goes stale: it is
+ * kept until read or pushed out by newer prefetches. Any synchronous request
+ * first receives every answer in flight; a broken connection empties the ring.
+ */
+#define PS_PREFETCH_MAX 64
+
+typedef struct PrefetchEntry
+{
+	RelFileNode rnode;
+	ForkNumber	forknum;
+	BlockNumber blkno;
+	uint64		request_id;
+	bool		valid;			/* not consumed yet */
+	bool		ok;				/* answered with a page (else: an error) */
+	char		page[BLCKSZ];
+} PrefetchEntry;
+
+static PrefetchEntry *pf_ring = NULL;
+static uint64 pf_head = 0;
+static uint64 pf_recv = 0;
+static uint64 pf_tail = 0;
+
+#define PF_ENTRY(i) (&pf_ring[(i) % PS_PREFETCH_MAX])
+
+static void
+pf_reset(void)
+{
+	pf_head = pf_recv = pf_tail = 0;
+}
+
+/* Receives the answer of the oldest request in flight. */
+static PsStatus
+pf_receive_one(TimestampTz deadline)
+{
+	PrefetchEntry *e = PF_ENTRY(pf_recv);
+	char	   *resp = NULL;
+	int			resp_len = 0;
+	PsStatus	st;
+
+	Assert(pf_recv < pf_tail);
+	st = ps_receive(&resp, &resp_len, deadline);
+	if (st != PS_OK)
+		return st;
+	if (resp_len < PS_RESP_HEADER || pg_ntoh64(*(uint64 *) (resp + 1)) != e->request_id)
+	{
+		pfree(resp);
+		return ps_fail(PS_BROKEN, "answer out of order for a prefetched page");
+	}
+	e->ok = ((uint8) resp[0] == PS_RESP_PAGE && resp_len == PS_RESP_HEADER + BLCKSZ);
+	if (e->ok)
+		memcpy(e->page, resp + PS_RESP_HEADER, BLCKSZ);
+	pfree(resp);
+	pf_recv++;
+	return PS_OK;
+}
+
+/* Receives every answer in flight; on failure the connection and the ring are dropped. */
+static void
+pf_drain(void)
+{
+	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), neon_pageserver_timeout_ms);
+
+	while (pf_recv < pf_tail)
+	{
+		if (pf_receive_one(deadline) != PS_OK)
+		{
+			ps_disconnect();
+			return;
+		}
+	}
+}
+
+static PrefetchEntry *
+pf_find(RelFileNode rnode, ForkNumber forknum, BlockNumber blkno, uint64 *index)
+{
+	for (uint64 i = pf_head; i < pf_tail; i++)
+	{
+		PrefetchEntry *e = PF_ENTRY(i);
+
+		if (e->valid && e->blkno == blkno && e->forknum == forknum && RelFileNodeEquals(e->rnode, rnode))
+		{
+			*index = i;
+			return e;
+		}
+	}
+	return NULL;
+}
+
+static void
+pf_forget(PrefetchEntry *e)
+{
+	e->valid = false;
+	while (pf_head < pf_recv && !PF_ENTRY(pf_head)->valid)
+		pf_head++;
+}
+
+/*
+ * Sends a GetPage request for the block unless one is queued already.
+ * Best effort: false (nothing sent) when the ring is full of requests in
+ * flight or the pageserver cannot be reached now; the read will ask again.
+ */
+bool
+ps_prefetch_page(RelFileNode rnode, ForkNumber forknum, BlockNumber blkno)
+{
+	uint64		index;
+	PrefetchEntry *e;
+	StringInfoData req;
+	TimestampTz deadline;
+
+	if (pf_find(rnode, forknum, blkno, &index) != NULL)
+		return true;
+	if (ps_request_in_flight)
+		ps_disconnect();		/* an earlier request was abandoned mid-way */
+	if (pf_ring == NULL)
+		pf_ring = MemoryContextAllocZero(TopMemoryContext, sizeof(PrefetchEntry) * PS_PREFETCH_MAX);
+	while (pf_tail - pf_head >= PS_PREFETCH_MAX)
+	{
+		if (pf_head == pf_recv)
+			return false;		/* all in flight */
+		PF_ENTRY(pf_head)->valid = false;
+		pf_head++;
+	}
+	deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), neon_pageserver_timeout_ms);
+	if (ps_conn == NULL && ps_connect(deadline) != PS_OK)
+	{
+		ps_disconnect();
+		return false;
+	}
+	e = PF_ENTRY(pf_tail);
+	e->rnode = rnode;
+	e->forknum = forknum;
+	e->blkno = blkno;
+	e->request_id = ps_next_request_id++;
+	e->valid = true;
+	e->ok = false;
+
+	initStringInfo(&req);
+	pq_sendbyte(&req, PS_TAG_GETPAGE);
+	pq_sendint64(&req, e->request_id);
+	pq_sendint64(&req, neon_start_lsn());
+	pq_sendint32(&req, rnode.spcNode);
+	pq_sendint32(&req, rnode.dbNode);
+	pq_sendint32(&req, rnode.relNode);
+	pq_sendbyte(&req, (uint8) forknum);
+	pq_sendint32(&req, blkno);
+	if (ps_send(&req, deadline) != PS_OK)
+	{
+		pfree(req.data);
+		ps_disconnect();
+		return false;
+	}
+	pfree(req.data);
+	pf_tail++;
+	return true;
+}
+
+/*
+ * The page of a prefetched block, if its request is queued and answered
+ * well; false otherwise (the caller then asks synchronously, which also
+ * reports the pageserver's error, if any).
+ */
+static bool
+pf_take_page(RelFileNode rnode, ForkNumber forknum, BlockNumber blkno, char *buffer)
+{
+	uint64		index;
+	PrefetchEntry *e = pf_ring ? pf_find(rnode, forknum, blkno, &index) : NULL;
+	TimestampTz deadline;
+	bool		ok;
+
+	if (e == NULL)
+		return false;
+	deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), neon_pageserver_timeout_ms);
+	while (pf_recv <= index)
+	{
+		if (pf_receive_one(deadline) != PS_OK)
+		{
+			ps_disconnect();
+			return false;
+		}
+	}
+	ok = e->ok;
+	if (ok)
+		memcpy(buffer, e->page, BLCKSZ);
+	pf_forget(e);
+	return ok;
 }
 
 /*
@@ -265,6 +480,7 @@ ps_call(uint8 tag, XLogRecPtr lsn, StringInfo body, uint8 resp_tag, char *out, i
 
 	if (ps_request_in_flight)
 		ps_disconnect();		/* an earlier request was abandoned mid-way */
+	pf_drain();					/* our answer comes after those in flight */
 
 	/*
 	 * A pageserver that restarts (or is briefly unreachable) makes queries
@@ -397,6 +613,9 @@ ps_get_page(RelFileNode rnode, ForkNumber forknum, BlockNumber blkno, char *buff
 	StringInfoData body;
 	char		what[160];
 
+	/* Pipelined: queue it (if not yet) behind any prefetches, then wait for it. */
+	if (ps_prefetch_page(rnode, forknum, blkno) && pf_take_page(rnode, forknum, blkno, buffer))
+		return;
 	snprintf(what, sizeof(what), "GetPage of block %u of relation %u/%u/%u fork %d",
 			 blkno, rnode.spcNode, rnode.dbNode, rnode.relNode, forknum);
 	initStringInfo(&body);

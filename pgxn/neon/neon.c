@@ -39,6 +39,7 @@ char	   *neon_tenant_id = NULL;
 char	   *neon_timeline_id = NULL;
 int			neon_pageserver_timeout_ms = 60000;
 int			neon_relsize_hash_size = 16384;
+int			neon_readahead_blocks = 32;
 static char *neon_start_lsn_str = NULL;
 
 /* Resolved in the postmaster (_PG_init), inherited by every child. */
@@ -201,6 +202,10 @@ _PG_init(void)
 							"Entries in the shared cache of relation sizes at the start LSN.",
 							NULL, &neon_relsize_hash_size, 16384, 128, INT_MAX / 2,
 							PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("neon.readahead_blocks",
+							"Blocks requested ahead of a sequential read from the pageserver (0: none).",
+							NULL, &neon_readahead_blocks, 32, 0, 60,
+							PGC_USERSET, 0, NULL, NULL, NULL);
 	MarkGUCPrefixReserved("neon");
 
 	resolve_start_lsn();

@@ -21,6 +21,7 @@ extern char *neon_tenant_id;
 extern char *neon_timeline_id;
 extern int	neon_pageserver_timeout_ms;
 extern int	neon_relsize_hash_size;
+extern int	neon_readahead_blocks;
 
 /* The LSN every pageserver read uses: neon.start_lsn or the control file's redo LSN. */
 extern XLogRecPtr neon_start_lsn(void);
@@ -29,6 +30,7 @@ extern XLogRecPtr neon_start_lsn(void);
 extern bool ps_rel_exists(RelFileNode rnode, ForkNumber forknum);
 extern BlockNumber ps_rel_nblocks(RelFileNode rnode, ForkNumber forknum);
 extern void ps_get_page(RelFileNode rnode, ForkNumber forknum, BlockNumber blkno, char *buffer);
+extern bool ps_prefetch_page(RelFileNode rnode, ForkNumber forknum, BlockNumber blkno);
 extern int64 ps_db_size(Oid dbnode, XLogRecPtr lsn);
 
 /* pagestore_smgr.c */

@@ -316,6 +316,9 @@ neon_exists(SMgrRelation reln, ForkNumber forknum)
 
 	if (local_exists(reln, forknum))
 		return true;
+	/* relfilenode 0: a relation without storage (pg_relation_size of a view asks) */
+	if (reln->smgr_rnode.node.relNode == InvalidOid)
+		return false;
 	relsize_get(reln->smgr_rnode.node, forknum, &ps_exists, &ps_visible);
 	return ps_exists;
 }
@@ -335,11 +338,61 @@ neon_extend(SMgrRelation reln, ForkNumber forknum, BlockNumber blocknum,
 	mdextend(reln, forknum, blocknum, buffer, skipFsync);
 }
 
+/* Whether a read of the block would go to the pageserver (cheap checks only). */
+static bool
+from_pageserver(SMgrRelation reln, ForkNumber forknum, BlockNumber blocknum)
+{
+	bool		ps_exists;
+	BlockNumber ps_visible;
+
+	relsize_get(reln->smgr_rnode.node, forknum, &ps_exists, &ps_visible);
+	if (blocknum >= ps_visible)
+		return false;
+	/* a block inside the local file is usually the compute's own */
+	return !local_exists(reln, forknum) || blocknum >= mdnblocks(reln, forknum);
+}
+
 static bool
 neon_prefetch(SMgrRelation reln, ForkNumber forknum, BlockNumber blocknum)
 {
-	/* not yet: pipelined GetPage requests belong here */
+	if (from_pageserver(reln, forknum, blocknum))
+		(void) ps_prefetch_page(reln->smgr_rnode.node, forknum, blocknum);
 	return true;
+}
+
+/*
+ * Read-ahead: a backend reading consecutive blocks of a fork from the
+ * pageserver (sequential scans, VACUUM, index builds; Postgres 15 does not
+ * prefetch those itself) gets the next neon.readahead_blocks requested
+ * ahead, so their answers arrive while it works on the current one.
+ */
+static RelFileNode ra_rnode;
+static ForkNumber ra_forknum = InvalidForkNumber;
+static BlockNumber ra_last = InvalidBlockNumber;	/* last block read from the pageserver */
+static BlockNumber ra_until = 0;	/* blocks below this were requested already */
+
+static void
+ps_readahead(SMgrRelation reln, ForkNumber forknum, BlockNumber blocknum, BlockNumber ps_visible)
+{
+	RelFileNode rnode = reln->smgr_rnode.node;
+	bool		sequential = forknum == ra_forknum && RelFileNodeEquals(rnode, ra_rnode) &&
+		ra_last != InvalidBlockNumber && blocknum == ra_last + 1;
+
+	ra_rnode = rnode;
+	ra_forknum = forknum;
+	ra_last = blocknum;
+	if (!sequential || neon_readahead_blocks == 0)
+	{
+		ra_until = blocknum + 1;
+		return;
+	}
+	for (BlockNumber b = Max(ra_until, blocknum + 1);
+		 b < ps_visible && b <= blocknum + (BlockNumber) neon_readahead_blocks; b++)
+	{
+		if (!ps_prefetch_page(rnode, forknum, b))
+			break;
+		ra_until = b + 1;
+	}
 }
 
 static void
@@ -364,6 +417,8 @@ neon_read(SMgrRelation reln, ForkNumber forknum, BlockNumber blocknum, char *buf
 	}
 	if (blocknum < ps_visible)
 	{
+		if (blocknum >= local_n)
+			ps_readahead(reln, forknum, blocknum, ps_visible);
 		ps_get_page(rnode, forknum, blocknum, buffer);
 		return;
 	}
