@@ -6,6 +6,7 @@ import io
 import subprocess
 import tarfile
 import threading
+import time
 
 import psycopg
 import pytest
@@ -188,4 +189,27 @@ def test_file_copy_commands_are_refused_clearly(daemons, safekeeper_cluster, tes
     c.stop()
     c2 = storage.compute("compute2")
     assert c2.sql("select id from t", "wl") == [(1,)]
+    c2.stop()
+
+
+def test_a_second_primary_deposes_the_first(daemons, safekeeper_cluster, test_output_dir, port_allocator):
+    """Two primaries on one timeline (neon_local refuses this; compute_ctl on its own cannot know):
+    the newer one wins the safekeepers' election, and the older one can no longer get a commit
+    acknowledged: its compute_ctl stops it and says why, and exits non-zero."""
+    storage = Storage(daemons, safekeeper_cluster, test_output_dir, port_allocator)
+    daemons.allow_errors("another compute now owns timeline", "terminating connection due to administrator command")
+    c1 = storage.compute("compute1")
+    c1.sql("create table t(id int)")
+    c1.sql("insert into t values (1)")
+    c2 = storage.compute("compute2")
+    c2.sql("insert into t values (2)")
+    with pytest.raises(psycopg.Error):
+        with psycopg.connect(c1.connstr, autocommit=True, connect_timeout=5) as conn:
+            for i in range(100):  # until the old primary is gone
+                conn.execute("insert into t values (3)")
+                time.sleep(0.1)
+    assert c1.daemon.proc.wait(timeout=30) != 0
+    assert "another compute now owns timeline" in c1.daemon.log_text()
+    rows = [r[0] for r in c2.sql("select id from t order by 1")]
+    assert rows == [1, 2], "a commit on the deposed primary must never be acknowledged"
     c2.stop()
