@@ -41,8 +41,6 @@ def test_pageserver_restart_under_compute(started_env, mode):
     nl.run("pageserver", "stop", "--mode", mode)
     # Writes go to the safekeepers: the ledger keeps committing while the pageserver is down.
     ledger.wait_rows(30, timeout_s=20)
-    with pytest.raises(psycopg.OperationalError, match="pageserver at 127.0.0.1:"):
-        sql(main, "select count(*) from cold")
     nl.run("pageserver", "start")
     rows, took = retry_sql(main, "select count(*), sum(id) from cold", timeout_s=30)
     assert rows == [(20000, 20000 * 20001 // 2)]
@@ -58,10 +56,6 @@ def test_pageserver_restart_under_compute(started_env, mode):
     assert one(main, "select count(*) from cold") == 20000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pgxn/neon: a query during a short pageserver outage fails at once (connect is not retried) instead of stalling",
-)
 def test_query_stalls_through_pageserver_restart(started_env):
     """A read issued while the pageserver is down for 2 s waits for it and then succeeds."""
     nl = started_env
@@ -82,7 +76,9 @@ def test_query_stalls_through_pageserver_restart(started_env):
     nl.run("pageserver", "start")
     reader.join(timeout=90)
     assert "error" not in result, result.get("error")
-    assert result["rows"][0] == [(20000,)]
+    rows, took = result["rows"]
+    assert rows == [(20000,)]
+    assert 1.5 < took < 30, f"the read took {took:.1f} s; the pageserver was down for 2 s"
 
 
 def test_safekeepers_one_at_a_time_and_two_down(started_env):
@@ -139,18 +135,45 @@ def test_safekeepers_one_at_a_time_and_two_down(started_env):
     assert result["id"] in ids and rows[0][0] in ids
 
 
+def _start_after_kill(nl, name: str) -> str:
+    """`endpoint start`, working around the bug pinned by
+    test_compute_restart_when_pageserver_source_missed_the_sync: when the basebackup waits for
+    WAL the pageserver's safekeeper never sends, restart the pageserver (it then picks an
+    up-to-date safekeeper) and start again."""
+    import subprocess
+
+    from fixtures.paths import neon_bin
+
+    ep_log = nl.repo_dir / "endpoints" / name / "log"
+    seen = len(ep_log.read_text()) if ep_log.exists() else 0
+    p = subprocess.Popen([str(neon_bin("neon_local")), "endpoint", "start", name], env=nl.env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.monotonic()
+    while p.poll() is None:
+        new = ep_log.read_text()[seen:] if ep_log.exists() else ""
+        if time.monotonic() - t0 > 8 and "fetch the basebackup..." in new and "fetch the basebackup: done" not in new:
+            print("basebackup stuck waiting for WAL: restarting the pageserver (known bug)")
+            nl.run("pageserver", "restart", "--mode", "immediate")
+            p.communicate(timeout=120)
+            return nl.start_endpoint(name)
+        time.sleep(0.2)
+    out, err = p.communicate()
+    assert p.returncode == 0, f"endpoint start {name}: {out}{err}"
+    return out.strip().splitlines()[-1].split("started: ")[1]
+
+
 def test_compute_kill9_keeps_acknowledged_commits(started_env):
     nl = started_env
     main = nl.endpoint("main")
     Ledger.create(main)
-    for round_ in range(3):
+    for _ in range(3):
         ledger = Ledger(main, tolerate_errors=True).start()
         ledger.wait_rows(100)
         nl.run("endpoint", "stop", "main", "--mode", "immediate")
         time.sleep(0.5)
         ledger.stop()
         assert ledger.errors, "the writer noticed the compute die"
-        main = nl.start_endpoint("main")
+        main = _start_after_kill(nl, "main")
         _all_acked_present(main, ledger)
         # A fresh writer goes on where the old one stopped.
         assert one(main, "select max(id) from ledger") >= max(ledger.ids())
@@ -191,3 +214,67 @@ def test_whole_stack_stop_and_start_with_branches(started_env, mode):
         sql(c, "insert into ledger default values")
     listing = nl.timeline_list()
     assert "<- main at" in listing and "<- a at" in listing, listing
+
+
+def _sk_status(nl, sk: dict) -> dict:
+    import requests
+
+    cfg = nl.config()
+    t = cfg["default_tenant"]
+    tl = cfg["branches"][t]["main"]
+    return requests.get(f"http://127.0.0.1:{sk['http_port']}/v1/tenant/{t}/timeline/{tl}", timeout=5).json()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pageserver walreceiver stays on a safekeeper whose commit LSN missed a sync-safekeepers commit "
+    "(switches only at 16 MiB lag), so the next compute's basebackup waits for WAL that never comes",
+)
+def test_compute_restart_when_pageserver_source_missed_the_sync(started_env):
+    """Deterministic form of a hang seen after compute kill -9: the new compute's sync-safekeepers
+    commits the killed compute's WAL tail on two safekeepers; the third, which the pageserver
+    streams from, is frozen (SIGSTOP) during the sync and thawed right after. The pageserver must
+    still get the tail (from another safekeeper) so the compute can start."""
+    import os
+    import re
+    import signal
+
+    nl = started_env
+    main = nl.endpoint("main")
+    Ledger.create(main)
+    cfg = nl.config()
+    for attempt in range(5):
+        ledger = Ledger(main, tolerate_errors=True).start()
+        ledger.wait_rows(50)
+        nl.run("endpoint", "stop", "main", "--mode", "immediate")
+        ledger.halt()
+        st = [_sk_status(nl, sk) for sk in cfg["safekeepers"]]
+        if any(s["flush_lsn"] != s["commit_lsn"] for s in st):
+            break
+        main = nl.start_endpoint("main")
+    else:
+        pytest.skip("could not kill the compute with uncommitted WAL on the safekeepers")
+    deadline = time.monotonic() + 20
+    while not (found := re.findall(r"from safekeeper 127\.0\.0\.1:(\d+)", (nl.repo_dir / "pageserver" / "log").read_text())):
+        assert time.monotonic() < deadline, "the pageserver does not stream from any safekeeper"
+        time.sleep(0.1)
+    port = int(found[-1])
+    source = next(sk for sk in cfg["safekeepers"] if sk["pg_port"] == port)
+    pid = int((nl.repo_dir / "safekeepers" / f"sk{source['id']}" / "pid").read_text())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        result = {}
+        ep_log = nl.repo_dir / "endpoints" / "main" / "log"
+        seen = len(ep_log.read_text())
+        starter = threading.Thread(target=lambda: result.update(r=nl.run("endpoint", "start", "main", check=False)))
+        starter.start()
+        deadline = time.monotonic() + 30
+        while "safekeepers synced" not in ep_log.read_text()[seen:]:
+            assert time.monotonic() < deadline, "sync-safekeepers did not finish"
+            time.sleep(0.05)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    synced = re.findall(r"committed WAL up to ([0-9A-F]+/[0-9A-F]+)", ep_log.read_text()[seen:])[-1]
+    starter.join(timeout=20)
+    assert not starter.is_alive(), f"the compute did not start within 20 s of the sync at {synced}"
+    assert result["r"].returncode == 0, result["r"].stderr
