@@ -141,6 +141,8 @@ async fn fetch_basebackup(
     let mut client =
         Client::connect(&c).await.with_context(|| format!("connecting to the pageserver at {}", spec.pageserver))?;
     let (at, what) = match lsn {
+        // A static compute never writes WAL: any LSN will do (see the page service).
+        Some(lsn) if spec.mode == ComputeMode::Static => (format!("{lsn} readonly"), format!("at {lsn}")),
         Some(lsn) => (lsn.to_string(), format!("at {lsn}")),
         None => (format!("standby {}", replica_min_lsn(spec).await?), "for a hot standby".to_string()),
     };

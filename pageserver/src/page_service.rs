@@ -5,6 +5,7 @@
 //! - `basebackup <tenant_id> <timeline_id> [lsn [prev_lsn]]`: COPY OUT of a compute start tarball
 //!   (DESIGN D4);
 //! - `fullbackup <tenant_id> <timeline_id> [lsn [prev_lsn]]`: the same with every relation file;
+//!   `readonly` in place of `prev_lsn` serves any LSN to a compute that never writes WAL;
 //! - `basebackup <tenant_id> <timeline_id> standby [min_lsn]`: a hot standby's start tarball, at
 //!   the timeline's latest running-xacts record once `min_lsn` is ingested (see
 //!   `basebackup::write_standby_basebackup`).
@@ -88,12 +89,16 @@ impl QueryHandler for PageServiceHandler {
                     Some(s) if *s != "latest" => Some(parse(s)?),
                     _ => None,
                 };
-                let prev_lsn = rest.get(1).map(|s| parse(s)).transpose()?;
+                // "readonly": for a compute that never continues the WAL (a static endpoint), an
+                // unknown previous record is fine: Postgres does not check the checkpoint
+                // record's xl_prev, so it is written as 0/0.
+                let readonly = rest.get(1) == Some(&"readonly");
+                let prev_lsn = if readonly { None } else { rest.get(1).map(|s| parse(s)).transpose()? };
                 if prev_lsn.is_some() && lsn.is_none() {
                     return Err(user_err(SqlState::INVALID_PARAMETER_VALUE, "prev_lsn needs an explicit lsn"));
                 }
                 let kind = if *cmd == "fullbackup" { BackupKind::Full } else { BackupKind::Compute };
-                basebackup(pgb, tl, lsn, prev_lsn, kind, self.mgr.conf.wait_lsn_timeout).await
+                basebackup(pgb, tl, lsn, prev_lsn, readonly, kind, self.mgr.conf.wait_lsn_timeout).await
             }
             _ => Err(user_err(
                 SqlState::FEATURE_NOT_SUPPORTED,
@@ -231,6 +236,7 @@ async fn basebackup(
     tl: Arc<Timeline>,
     lsn: Option<Lsn>,
     prev_lsn: Option<Lsn>,
+    readonly: bool,
     kind: BackupKind,
     wait: std::time::Duration,
 ) -> Result<(), QueryError> {
@@ -244,7 +250,7 @@ async fn basebackup(
     let tl_id = tl.timeline_id();
     let tar: Vec<u8> = tokio::task::spawn_blocking(move || {
         // Known at the last record and at commit ends (e.g. an LSN from get_lsn_by_timestamp).
-        let prev = prev_lsn.or_else(|| tl.get_prev_record_lsn_at(lsn));
+        let prev = prev_lsn.or_else(|| tl.get_prev_record_lsn_at(lsn)).or(readonly.then_some(Lsn::INVALID));
         let mut buf = Vec::new();
         write_basebackup(&mut buf, &tl, lsn, prev, kind).map(|_| buf)
     })

@@ -21,9 +21,13 @@ use crate::tenant::timeline::Timeline;
 use crate::walingest::WalIngest;
 
 /// How often to compare our source with the other safekeepers.
-const LAG_CHECK_INTERVAL: Duration = Duration::from_secs(10);
-/// Switch to another safekeeper when it is this far ahead of what we have received.
+const LAG_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// Switch to another safekeeper when it is this far ahead of what we have received...
 const MAX_LAG_BYTES: u64 = 16 * 1024 * 1024;
+/// ...or ahead at all while ours has not moved for this long: ours may have missed a commit
+/// (e.g. it was unreachable while a new compute's election committed the last WAL), and nothing
+/// may come to tell it (that compute waits for us before it starts).
+const STALLED_SWITCH_AFTER: Duration = Duration::from_secs(2);
 
 fn conn_config(addr: &str, tl: &Timeline) -> anyhow::Result<ConnectConfig> {
     let (host, port) =
@@ -106,17 +110,24 @@ async fn session(tl: &Arc<Timeline>, safekeepers: &[String]) -> anyhow::Result<(
     lag_check.tick().await; // the first tick is immediate
                             // How far our safekeeper says WAL is committed (from its messages).
     let mut source_end = commit;
+    let mut source_moved_at = tokio::time::Instant::now();
     loop {
         tokio::select! {
             msg = reader.next() => {
                 let Some(data) = msg? else { bail!("safekeeper {sk} ended the stream") };
                 let (wal_start, data) = match ReplicationMessage::decode(&data)? {
                     ReplicationMessage::XLogData { wal_start, wal_end, data, .. } => {
-                        source_end = source_end.max(wal_end);
+                        if wal_end > source_end {
+                            source_end = wal_end;
+                            source_moved_at = tokio::time::Instant::now();
+                        }
                         (wal_start, data)
                     }
                     ReplicationMessage::Keepalive { wal_end, .. } => {
-                        source_end = source_end.max(wal_end);
+                        if wal_end > source_end {
+                            source_end = wal_end;
+                            source_moved_at = tokio::time::Instant::now();
+                        }
                         continue;
                     }
                 };
@@ -148,7 +159,9 @@ async fn session(tl: &Arc<Timeline>, safekeepers: &[String]) -> anyhow::Result<(
                 // Another safekeeper far ahead of ours: ours lags or is cut off from the quorum;
                 // reconnect to the best one. (Our own ingest lag is not a reason to switch.)
                 if let Some((best, commit)) = pick_safekeeper(tl, safekeepers).await {
-                    if best != sk && commit.checked_sub(source_end).unwrap_or(0) > MAX_LAG_BYTES {
+                    let ahead = commit.checked_sub(source_end).unwrap_or(0);
+                    let stalled = source_moved_at.elapsed() >= STALLED_SWITCH_AFTER;
+                    if best != sk && (ahead > MAX_LAG_BYTES || (ahead > 0 && stalled)) {
                         info!("safekeeper {best} has committed up to {commit}, {sk} only up to {source_end}: switching");
                         return Ok(());
                     }
