@@ -135,33 +135,6 @@ def test_safekeepers_one_at_a_time_and_two_down(started_env):
     assert result["id"] in ids and rows[0][0] in ids
 
 
-def _start_after_kill(nl, name: str) -> str:
-    """`endpoint start`, working around the bug pinned by
-    test_compute_restart_when_pageserver_source_missed_the_sync: when the basebackup waits for
-    WAL the pageserver's safekeeper never sends, restart the pageserver (it then picks an
-    up-to-date safekeeper) and start again."""
-    import subprocess
-
-    from fixtures.paths import neon_bin
-
-    ep_log = nl.repo_dir / "endpoints" / name / "log"
-    seen = len(ep_log.read_text()) if ep_log.exists() else 0
-    p = subprocess.Popen([str(neon_bin("neon_local")), "endpoint", "start", name], env=nl.env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    t0 = time.monotonic()
-    while p.poll() is None:
-        new = ep_log.read_text()[seen:] if ep_log.exists() else ""
-        if time.monotonic() - t0 > 8 and "fetch the basebackup..." in new and "fetch the basebackup: done" not in new:
-            print("basebackup stuck waiting for WAL: restarting the pageserver (known bug)")
-            nl.run("pageserver", "restart", "--mode", "immediate")
-            p.communicate(timeout=120)
-            return nl.start_endpoint(name)
-        time.sleep(0.2)
-    out, err = p.communicate()
-    assert p.returncode == 0, f"endpoint start {name}: {out}{err}"
-    return out.strip().splitlines()[-1].split("started: ")[1]
-
-
 def test_compute_kill9_keeps_acknowledged_commits(started_env):
     nl = started_env
     main = nl.endpoint("main")
@@ -173,7 +146,7 @@ def test_compute_kill9_keeps_acknowledged_commits(started_env):
         time.sleep(0.5)
         ledger.stop()
         assert ledger.errors, "the writer noticed the compute die"
-        main = _start_after_kill(nl, "main")
+        main = nl.start_endpoint("main")
         _all_acked_present(main, ledger)
         # A fresh writer goes on where the old one stopped.
         assert one(main, "select max(id) from ledger") >= max(ledger.ids())
@@ -225,41 +198,47 @@ def _sk_status(nl, sk: dict) -> dict:
     return requests.get(f"http://127.0.0.1:{sk['http_port']}/v1/tenant/{t}/timeline/{tl}", timeout=5).json()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pageserver walreceiver stays on a safekeeper whose commit LSN missed a sync-safekeepers commit "
-    "(switches only at 16 MiB lag), so the next compute's basebackup waits for WAL that never comes",
-)
-def test_compute_restart_when_pageserver_source_missed_the_sync(started_env):
-    """Deterministic form of a hang seen after compute kill -9: the new compute's sync-safekeepers
-    commits the killed compute's WAL tail on two safekeepers; the third, which the pageserver
-    streams from, is frozen (SIGSTOP) during the sync and thawed right after. The pageserver must
-    still get the tail (from another safekeeper) so the compute can start."""
-    import os
+def _pageserver_source(nl) -> dict:
+    """The safekeeper the pageserver streams from (its log's last choice)."""
     import re
-    import signal
 
-    nl = started_env
-    main = nl.endpoint("main")
-    Ledger.create(main)
-    cfg = nl.config()
-    for attempt in range(5):
-        ledger = Ledger(main, tolerate_errors=True).start()
-        ledger.wait_rows(50)
-        nl.run("endpoint", "stop", "main", "--mode", "immediate")
-        ledger.halt()
-        st = [_sk_status(nl, sk) for sk in cfg["safekeepers"]]
-        if any(s["flush_lsn"] != s["commit_lsn"] for s in st):
-            break
-        main = nl.start_endpoint("main")
-    else:
-        pytest.skip("could not kill the compute with uncommitted WAL on the safekeepers")
     deadline = time.monotonic() + 20
     while not (found := re.findall(r"from safekeeper 127\.0\.0\.1:(\d+)", (nl.repo_dir / "pageserver" / "log").read_text())):
         assert time.monotonic() < deadline, "the pageserver does not stream from any safekeeper"
         time.sleep(0.1)
-    port = int(found[-1])
-    source = next(sk for sk in cfg["safekeepers"] if sk["pg_port"] == port)
+    return next(sk for sk in nl.config()["safekeepers"] if sk["pg_port"] == int(found[-1]))
+
+
+def test_compute_restart_when_pageserver_source_missed_the_sync(started_env):
+    """A hang once seen after compute kill -9 (fixed in the pageserver's WAL receiver): the killed compute leaves WAL on
+    the safekeepers beyond their commit LSN; the new compute's sync-safekeepers commits it on two
+    of them, while the third, which the pageserver streams from, is frozen (SIGSTOP) and misses
+    that commit. The pageserver must still get the WAL (from another safekeeper) so the compute
+    can start."""
+    import os
+    import re
+    import signal
+    import subprocess
+
+    from fixtures.paths import pg_bin
+
+    nl = started_env
+    main = nl.endpoint("main")
+    subprocess.run([str(pg_bin("pgbench")), "-i", "-s", "1", "-q", main], check=True, capture_output=True, timeout=120)
+    source = _pageserver_source(nl)
+    others = [sk for sk in nl.config()["safekeepers"] if sk["id"] != source["id"]]
+    for _ in range(5):
+        bench = subprocess.Popen([str(pg_bin("pgbench")), "-n", "-c", "4", "-T", "20", main],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(2)
+        nl.run("endpoint", "stop", "main", "--mode", "immediate")
+        bench.wait(timeout=30)
+        src = _sk_status(nl, source)
+        if any(_sk_status(nl, sk)["flush_lsn"] != src["commit_lsn"] for sk in others):
+            break  # the others hold WAL beyond what the pageserver's safekeeper knows as committed
+        main = nl.start_endpoint("main")
+    else:
+        pytest.skip("could not kill the compute with uncommitted WAL on the safekeepers")
     pid = int((nl.repo_dir / "safekeepers" / f"sk{source['id']}" / "pid").read_text())
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -276,5 +255,8 @@ def test_compute_restart_when_pageserver_source_missed_the_sync(started_env):
         os.kill(pid, signal.SIGCONT)
     synced = re.findall(r"committed WAL up to ([0-9A-F]+/[0-9A-F]+)", ep_log.read_text()[seen:])[-1]
     starter.join(timeout=20)
-    assert not starter.is_alive(), f"the compute did not start within 20 s of the sync at {synced}"
+    assert not starter.is_alive(), (
+        f"the compute did not start within 20 s of the sync at {synced}; safekeeper {source['id']} "
+        f"(the pageserver's source) has commit LSN {_sk_status(nl, source)['commit_lsn']}"
+    )
     assert result["r"].returncode == 0, result["r"].stderr
