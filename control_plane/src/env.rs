@@ -97,6 +97,54 @@ fn port_free(port: u16) -> bool {
     TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
+/// Where the pageserver offloads its layers (`init --remote-storage`).
+pub enum RemoteStorage {
+    None,
+    /// `<repo>/remote_storage`.
+    Local,
+    S3 {
+        bucket: String,
+        region: String,
+        endpoint: Option<String>,
+        prefix: Option<String>,
+    },
+}
+
+impl RemoteStorage {
+    /// The `[remote_storage]` section of `pageserver.toml`.
+    fn toml_section(&self, local: &Path) -> anyhow::Result<String> {
+        let lit = |what: &str, v: &str| -> anyhow::Result<String> {
+            if v.is_empty() || v.contains(['\'', '\n', '\r']) {
+                bail!("{what} '{v}' must be non-empty and hold no quote or line break");
+            }
+            Ok(format!("'{v}'"))
+        };
+        Ok(match self {
+            RemoteStorage::None => String::new(),
+            RemoteStorage::Local => {
+                format!(
+                    "\n[remote_storage]\nlocal_path = {}\n",
+                    lit("remote storage path", &local.display().to_string())?
+                )
+            }
+            RemoteStorage::S3 { bucket, region, endpoint, prefix } => {
+                let mut s = format!(
+                    "\n[remote_storage]\nbucket_name = {}\nbucket_region = {}\n",
+                    lit("--s3-bucket", bucket)?,
+                    lit("--s3-region", region)?
+                );
+                if let Some(e) = endpoint {
+                    s.push_str(&format!("endpoint = {}\n", lit("--s3-endpoint", e)?));
+                }
+                if let Some(p) = prefix {
+                    s.push_str(&format!("prefix_in_bucket = {}\n", lit("--s3-prefix", p)?));
+                }
+                s
+            }
+        })
+    }
+}
+
 /// Who answers an HTTP call, for error messages: its name and the command that starts it.
 #[derive(Clone)]
 pub struct Peer {
@@ -157,8 +205,9 @@ impl Env {
         dir.join("config.json")
     }
 
-    pub fn init(num_safekeepers: u32, force: bool) -> anyhow::Result<Env> {
+    pub fn init(num_safekeepers: u32, remote: &RemoteStorage, force: bool) -> anyhow::Result<Env> {
         let dir = repo_dir();
+        let remote_section = remote.toml_section(&std::path::absolute(&dir)?.join("remote_storage"))?;
         if dir.exists() {
             if !force {
                 bail!(
@@ -223,7 +272,7 @@ impl Env {
         fs::write(
             env.dir.join("pageserver/pageserver.toml"),
             format!(
-                "id = 1\nlisten_pg_addr = '127.0.0.1:{}'\nlisten_http_addr = '127.0.0.1:{}'\npg_distrib_dir = '{}'\nsafekeepers = [{}]\n",
+                "id = 1\nlisten_pg_addr = '127.0.0.1:{}'\nlisten_http_addr = '127.0.0.1:{}'\npg_distrib_dir = '{}'\nsafekeepers = [{}]\n{remote_section}",
                 env.conf.pageserver.pg_port,
                 env.conf.pageserver.http_port,
                 env.conf.pg_install.display(),

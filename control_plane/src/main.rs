@@ -8,7 +8,15 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::env::{Env, StopMode};
+use anyhow::Context;
+
+use crate::env::{Env, RemoteStorage, StopMode};
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RemoteKind {
+    Local,
+    S3,
+}
 
 #[derive(Parser)]
 #[command(version, about = "Run pageserver, safekeepers and computes locally")]
@@ -23,6 +31,19 @@ enum Cmd {
     Init {
         #[arg(long, default_value_t = 3)]
         num_safekeepers: u32,
+        /// Where the pageserver offloads layers: a local folder (.neon/remote_storage) or S3.
+        /// Without it, nothing is offloaded.
+        #[arg(long, value_enum)]
+        remote_storage: Option<RemoteKind>,
+        /// S3 endpoint (MinIO, moto); default: AWS.
+        #[arg(long)]
+        s3_endpoint: Option<String>,
+        #[arg(long)]
+        s3_bucket: Option<String>,
+        #[arg(long)]
+        s3_region: Option<String>,
+        #[arg(long)]
+        s3_prefix: Option<String>,
         /// Remove an existing environment first.
         #[arg(long)]
         force: bool,
@@ -162,9 +183,32 @@ enum SafekeeperCmd {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Init { num_safekeepers, force } => {
-            let env = Env::init(num_safekeepers, force)?;
-            println!("initialized {} with {num_safekeepers} safekeepers", env.dir.display());
+        Cmd::Init { num_safekeepers, remote_storage, s3_endpoint, s3_bucket, s3_region, s3_prefix, force } => {
+            let s3_given = s3_endpoint.is_some() || s3_bucket.is_some() || s3_region.is_some() || s3_prefix.is_some();
+            let remote = match remote_storage {
+                None if s3_given => anyhow::bail!("--s3-* options need '--remote-storage s3'"),
+                None => RemoteStorage::None,
+                Some(RemoteKind::Local) if s3_given => {
+                    anyhow::bail!("--s3-* options need '--remote-storage s3', not 'local'")
+                }
+                Some(RemoteKind::Local) => RemoteStorage::Local,
+                Some(RemoteKind::S3) => RemoteStorage::S3 {
+                    bucket: s3_bucket.context("'--remote-storage s3' needs --s3-bucket")?,
+                    region: s3_region.context("'--remote-storage s3' needs --s3-region (e.g. us-east-1)")?,
+                    endpoint: s3_endpoint,
+                    prefix: s3_prefix,
+                },
+            };
+            let env = Env::init(num_safekeepers, &remote, force)?;
+            println!(
+                "initialized {} with {num_safekeepers} safekeepers{}",
+                env.dir.display(),
+                match remote {
+                    RemoteStorage::None => String::new(),
+                    RemoteStorage::Local => format!(", remote storage in {}", env.dir.join("remote_storage").display()),
+                    RemoteStorage::S3 { bucket, .. } => format!(", remote storage in S3 bucket {bucket}"),
+                }
+            );
         }
         Cmd::Start => {
             let env = Env::load()?;
