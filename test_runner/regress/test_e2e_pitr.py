@@ -164,3 +164,33 @@ def test_branch_at_an_lsn_timeline_list_showed(started_env):
     early = nl.start_endpoint("early")
     assert sql(early, "select b from t") == [("early",)]
     assert sql(main, "select a from t") == [(1,)]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pageserver: POST timeline accepts ancestor_start_lsn below the ancestor's own branch point",
+)
+def test_pageserver_refuses_a_branch_below_its_ancestors_start(started_env):
+    """neon_local refuses this itself; the pageserver's API should too (a timeline has no
+    history of its own below its branch point)."""
+    import requests
+
+    nl = started_env
+    main = nl.endpoint("main")
+    sql(main, "create table t(a int); insert into t values (1)")
+    early = one(main, "select pg_current_wal_insert_lsn()::text")
+    sql(main, "insert into t values (2)")
+    start = nl.branch("b")
+    assert lsn_int(early) < start
+    cfg = nl.config()
+    tenant = cfg["default_tenant"]
+    r = requests.post(
+        f"http://127.0.0.1:{cfg['pageserver']['http_port']}/v1/tenant/{tenant}/timeline",
+        json={
+            "new_timeline_id": "0123456789abcdef0123456789abcdef",
+            "ancestor_timeline_id": cfg["branches"][tenant]["b"],
+            "ancestor_start_lsn": early,
+        },
+        timeout=60,
+    )
+    assert r.status_code == 400, f"{r.status_code}: {r.text}"
