@@ -260,3 +260,48 @@ def test_compute_restart_when_pageserver_source_missed_the_sync(started_env):
         f"(the pageserver's source) has commit LSN {_sk_status(nl, source)['commit_lsn']}"
     )
     assert result["r"].returncode == 0, result["r"].stderr
+
+
+def test_pageserver_kill_under_pgbench_then_many_branches(started_env):
+    """kill -9 of the pageserver in the middle of a pgbench run: it re-ingests from the
+    safekeepers what it had not flushed; a fresh compute and ten branches (taken before and
+    after the kill) all see consistent TPC-B tables, and survive a second kill."""
+    import subprocess
+
+    from fixtures.neon_local import pgbench, pgbench_consistent
+    from fixtures.paths import pg_bin
+
+    nl = started_env
+    main = nl.endpoint("main")
+    pgbench(main, "-i", "-s", "2", "-q")
+    bench = subprocess.Popen([str(pg_bin("pgbench")), "-n", "-c", "4", "-T", "10", main],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for i in range(5):
+        time.sleep(0.5)
+        nl.branch(f"pre{i}")
+    nl.run("pageserver", "stop", "--mode", "immediate")
+    time.sleep(1)
+    nl.run("pageserver", "start")
+    for i in range(5):
+        time.sleep(0.5)
+        nl.branch(f"post{i}")
+    _, err = bench.communicate(timeout=60)
+    assert bench.returncode == 0, err[-2000:]
+    expect = sql(main, "select sum(abalance), count(*) from pgbench_history, (select sum(abalance) abalance from pgbench_accounts) a")
+    nl.run("pageserver", "restart", "--mode", "immediate")
+    main = _restart_endpoint(nl, "main")
+    pgbench_consistent(main)
+    assert sql(main, "select sum(abalance), count(*) from pgbench_history, (select sum(abalance) abalance from pgbench_accounts) a") == expect
+    history = []
+    for name in [f"pre{i}" for i in range(5)] + [f"post{i}" for i in range(5)]:
+        ep = nl.endpoint(name, "--branch-name", name)
+        pgbench_consistent(ep)
+        history.append(one(ep, "select count(*) from pgbench_history"))
+        nl.run("endpoint", "stop", name)
+    assert history == sorted(history), f"later branches hold more history: {history}"
+    assert history[-1] <= expect[0][1]
+
+
+def _restart_endpoint(nl, name: str) -> str:
+    nl.run("endpoint", "stop", name)
+    return nl.start_endpoint(name)
