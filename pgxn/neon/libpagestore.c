@@ -186,6 +186,8 @@ ps_connect(TimestampTz deadline)
 		return PS_BROKEN;
 	}
 	PQclear(res);
+	/* connected: requests (pipelined ones included) track their own answers from here */
+	ps_request_in_flight = false;
 	return PS_OK;
 }
 

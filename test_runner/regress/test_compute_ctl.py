@@ -213,3 +213,23 @@ def test_a_second_primary_deposes_the_first(daemons, safekeeper_cluster, test_ou
     rows = [r[0] for r in c2.sql("select id from t order by 1")]
     assert rows == [1, 2], "a commit on the deposed primary must never be acknowledged"
     c2.stop()
+
+
+def test_sequential_reads_are_pipelined_on_one_connection(daemons, safekeeper_cluster, test_output_dir, port_allocator):
+    """A backend's read-ahead keeps its one pagestream connection: a scan of 3,300 pages the
+    compute never wrote (pgbench_accounts at scale 2) opens at most a couple of connections to the pageserver (a regression:
+    a backend whose first request was a prefetch reconnected for every page)."""
+    storage = Storage(daemons, safekeeper_cluster, test_output_dir, port_allocator)
+    c1 = storage.compute("compute1")
+    subprocess.run([str(pg_bin("pgbench")), "-i", "-s", "2", "-q", c1.connstr], check=True, capture_output=True, timeout=300)
+    c1.stop()
+    # shared_buffers smaller than the table: every scan reads it again (through a buffer ring).
+    c2 = storage.compute("compute2", settings={"max_parallel_workers_per_gather": "0", "shared_buffers": "16MB"})
+    log = storage.ps.daemon.log_path
+    for session in range(3):  # the first one also fills the shared relation-size cache
+        before = log.read_text().count("client disconnected")
+        assert c2.sql("select count(*) from pgbench_accounts where abalance = 0") == [(200000,)]
+        time.sleep(0.5)
+        ended = log.read_text().count("client disconnected") - before
+        assert ended <= 3, f"session {session}: {ended} pagestream connections ended during one scan"
+    c2.stop()
