@@ -269,6 +269,7 @@ fn read_control(ctx: &Ctx, timeline: &Timeline) -> Result<(ControlFileData, Chec
 /// The archive: everything but the WAL and pg_control from the timeline at `ctx.lsn`, then the
 /// given WAL segments (pages before the one holding `first_record_lsn` cleared) and `control` (last, so a cut-off stream never yields a startable
 /// directory). `cp` is the stored checkpoint (its time is the files' mtime).
+#[allow(clippy::too_many_arguments)]
 fn write_tar<W: Write>(
     out: W,
     ctx: &Ctx,
@@ -339,7 +340,7 @@ fn write_tar<W: Write>(
             Err(e) if e.is_not_found() && dir != "global" => {}
             Err(e) => return Err(ctx.read(&format!("the relation map of {dir}"))(e)),
         }
-        write_relations(&ctx, &mut tar, timeline, spcnode, dbnode, &dir, kind)?;
+        write_relations(ctx, &mut tar, timeline, spcnode, dbnode, &dir, kind)?;
     }
 
     // SLRUs, each with the page of its next id present.

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use remote_storage::RemoteStorageConfig;
 use serde::Deserialize;
 use utils::NodeId;
 
@@ -26,6 +27,8 @@ pub struct PageServerConf {
     pub default_tenant_conf: TenantConf,
     /// How long a read waits for ingest to reach the requested LSN.
     pub wait_lsn_timeout: Duration,
+    /// Where layers and `index_part.json` are uploaded (DESIGN D8); `None`: local disk only.
+    pub remote_storage: Option<RemoteStorageConfig>,
 }
 
 /// The file format (every field optional; defaults as in neon_local).
@@ -43,6 +46,9 @@ pub struct ConfFile {
     pub checkpoint_distance: Option<u64>,
     pub checkpoint_timeout: Option<String>,
     pub wait_lsn_timeout: Option<String>,
+    /// `[remote_storage]` with `local_path = '...'`, or `bucket_name`, `bucket_region`,
+    /// `endpoint`, `prefix_in_bucket` (S3; credentials from the standard AWS chain).
+    pub remote_storage: Option<RemoteStorageConfig>,
 }
 
 /// Parses durations like `10s`, `500ms`, `10m`, `1h`, `7d`.
@@ -102,6 +108,7 @@ impl PageServerConf {
                 Some(t) => parse_duration(t).map_err(|e| anyhow::anyhow!("wait_lsn_timeout: {e}"))?,
                 None => Duration::from_secs(60),
             },
+            remote_storage: file.remote_storage,
         })
     }
 }
@@ -134,5 +141,29 @@ mod tests {
         std::fs::write(dir.path().join("pageserver.toml"), "bogus = 1\n").unwrap();
         let e = PageServerConf::load(dir.path()).unwrap_err().to_string();
         assert!(e.contains("bogus"), "{e}");
+        assert!(c.remote_storage.is_none(), "no remote storage unless configured");
+    }
+
+    #[test]
+    fn remote_storage_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |text: &str| std::fs::write(dir.path().join("pageserver.toml"), text).unwrap();
+        write("id = 1\n[remote_storage]\nlocal_path = '/tmp/remote'\n");
+        let c = PageServerConf::load(dir.path()).unwrap();
+        assert_eq!(
+            c.remote_storage,
+            Some(RemoteStorageConfig::LocalFs(remote_storage::LocalFsConfig { local_path: "/tmp/remote".into() }))
+        );
+        write(
+            "remote_storage = { bucket_name = 'neon', bucket_region = 'us-east-1', endpoint = 'http://127.0.0.1:5000', \
+             prefix_in_bucket = 'ps' }\n",
+        );
+        let Some(RemoteStorageConfig::S3(s3)) = PageServerConf::load(dir.path()).unwrap().remote_storage else {
+            panic!("expected S3");
+        };
+        assert_eq!((s3.bucket_name.as_str(), s3.prefix_in_bucket.as_deref()), ("neon", Some("ps")));
+        write("[remote_storage]\nbucket_name = 'neon'\n");
+        let e = PageServerConf::load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("bucket_region"), "{e}");
     }
 }

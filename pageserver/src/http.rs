@@ -3,7 +3,9 @@
 //! - `GET /v1/status`
 //! - `GET|POST /v1/tenant`, `GET /v1/tenant/{tenant_id}`
 //! - `GET|POST /v1/tenant/{tenant_id}/timeline`, `GET /v1/tenant/{tenant_id}/timeline/{timeline_id}`
-//! - `PUT /v1/tenant/{tenant_id}/timeline/{timeline_id}/checkpoint` (flush the open layer)
+//! - `POST /v1/tenant/{tenant_id}/attach` (download a tenant from remote storage and load it)
+//! - `PUT /v1/tenant/{tenant_id}/timeline/{timeline_id}/checkpoint[?wait_until_uploaded=true]`
+//!   (flush the open layer; optionally wait until remote storage has it)
 //! - `GET /v1/tenant/{tenant_id}/timeline/{timeline_id}/get_lsn_by_timestamp?timestamp=<RFC 3339>`
 //!   (the LSN at which the timeline looked as at that time; see
 //!   [`Timeline::find_lsn_by_timestamp`])
@@ -14,7 +16,7 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use pageserver_api::models::{LsnByTimestamp, TenantCreateRequest, TenantInfo, TimelineCreateRequest, TimelineInfo};
 use postgres_ffi::TimestampTz;
@@ -57,6 +59,7 @@ fn timeline_id(s: &str) -> Result<TimelineId, ApiError> {
 
 pub fn timeline_info(tl: &Timeline) -> TimelineInfo {
     let md = tl.metadata();
+    let status = tl.remote_client().map(|r| r.status());
     TimelineInfo {
         tenant_id: tl.tenant_id(),
         timeline_id: tl.timeline_id(),
@@ -64,9 +67,11 @@ pub fn timeline_info(tl: &Timeline) -> TimelineInfo {
         ancestor_lsn: md.ancestor_timeline.map(|_| md.ancestor_lsn),
         last_record_lsn: tl.get_last_record_lsn(),
         disk_consistent_lsn: tl.get_disk_consistent_lsn(),
-        remote_consistent_lsn: Lsn::INVALID,
+        remote_consistent_lsn: status.as_ref().map_or(Lsn::INVALID, |s| s.remote_consistent_lsn),
         initdb_lsn: md.initdb_lsn,
         pg_version: md.pg_version,
+        upload_queue_len: status.as_ref().map(|s| s.queue_len),
+        last_upload_error: status.and_then(|s| s.last_error),
     }
 }
 
@@ -78,6 +83,7 @@ pub fn router(mgr: Arc<TenantManager>) -> Router {
         )
         .route("/v1/tenant", get(list_tenants).post(create_tenant))
         .route("/v1/tenant/{tenant_id}", get(get_tenant))
+        .route("/v1/tenant/{tenant_id}/attach", post(attach_tenant))
         .route("/v1/tenant/{tenant_id}/timeline", get(list_timelines).post(create_timeline))
         .route("/v1/tenant/{tenant_id}/timeline/{timeline_id}", get(get_timeline))
         .route("/v1/tenant/{tenant_id}/timeline/{timeline_id}/checkpoint", put(checkpoint))
@@ -148,17 +154,49 @@ async fn get_timeline(
     Ok(Json(timeline_info(&tl)))
 }
 
+/// `?wait_until_uploaded=true`: also wait (up to 5 minutes) until the upload queue is empty,
+/// so `remote_consistent_lsn` covers the checkpoint.
 async fn checkpoint(
     State(m): State<Arc<TenantManager>>,
     Path((t, tl)): Path<(String, String)>,
+    query: Result<Query<std::collections::HashMap<String, String>>, QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let tl = m.get_timeline(tenant_id(&t)?, timeline_id(&tl)?)?;
+    let Query(params) = query.map_err(|e| bad(format!("bad query string: {}", e.body_text())))?;
+    let wait_uploaded = match params.get("wait_until_uploaded").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => return Err(bad(format!("wait_until_uploaded={other}: use true or false"))),
+    };
     let tl2 = tl.clone();
     tokio::task::spawn_blocking(move || tl2.checkpoint())
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    if wait_uploaded {
+        let Some(remote) = tl.remote_client() else {
+            return Err(bad("wait_until_uploaded: this pageserver has no remote storage configured"));
+        };
+        if let Err(status) = remote.wait_uploaded(std::time::Duration::from_secs(300)).await {
+            return Err(ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "uploads not done after 5 minutes: {} queued, last error: {}",
+                    status.queue_len,
+                    status.last_error.as_deref().unwrap_or("none")
+                ),
+            ));
+        }
+    }
     Ok(Json(timeline_info(&tl)))
+}
+
+async fn attach_tenant(
+    State(m): State<Arc<TenantManager>>,
+    Path(t): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let t = m.attach_tenant(tenant_id(&t)?).await?;
+    Ok((StatusCode::CREATED, Json(TenantInfo { id: t.id, timelines: t.timelines().len() })))
 }
 
 async fn get_lsn_by_timestamp(

@@ -39,7 +39,16 @@ async fn run(conf: PageServerConf) -> anyhow::Result<()> {
     redo_conf.process_count = conf.walredo_process_count;
     let redo = Arc::new(WalRedoManager::new(redo_conf).context("starting the WAL redo pool")?);
     let applier = Arc::new(PostgresRedoApplier::new(redo, tokio::runtime::Handle::current()));
-    let resources = TimelineResources::new(conf.default_tenant_conf.clone(), applier);
+    let remote_storage = match &conf.remote_storage {
+        Some(rs) => Some(
+            remote_storage::GenericRemoteStorage::from_config(rs)
+                .await
+                .with_context(|| format!("setting up remote storage {rs:?}"))?,
+        ),
+        None => None,
+    };
+    let resources =
+        TimelineResources::new(conf.default_tenant_conf.clone(), applier).with_remote_storage(remote_storage);
     let pg_listener = tokio::net::TcpListener::bind(conf.listen_pg_addr)
         .await
         .with_context(|| format!("cannot listen on {} (libpq): is another pageserver running?", conf.listen_pg_addr))?;
@@ -48,7 +57,7 @@ async fn run(conf: PageServerConf) -> anyhow::Result<()> {
     })?;
     let mgr = {
         let (conf, resources, sd) = (conf.clone(), resources.clone(), shutdown.clone());
-        TenantManager::load(conf, resources, sd)?
+        TenantManager::load(conf, resources, sd).await?
     };
     info!(
         "pageserver {} in {}: libpq on {}, HTTP on {}",
@@ -81,6 +90,7 @@ async fn run(conf: PageServerConf) -> anyhow::Result<()> {
     info!("shutting down: flushing open layers");
     let m = mgr.clone();
     tokio::task::spawn_blocking(move || m.checkpoint_all()).await?;
+    mgr.wait_uploads(std::time::Duration::from_secs(10)).await;
     let _ = http_task.await;
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! A tenant's timelines on local disk: `<workdir>/tenants/<tenant>/timelines/<timeline>/`.
 //!
 //! - [`metadata`]: the per-timeline metadata file (disk-consistent LSN, branch point, ...).
+//! - [`remote`]: remote storage: `index_part.json`, the upload queue, restore.
 //! - [`timeline`]: one timeline: its layers, write path (ingest → in-memory layer → L0 deltas),
 //!   read path (layers, then the ancestor below the branch point, then WAL redo), branching.
 //!
@@ -9,4 +10,5 @@
 //! load timelines directly.
 
 pub mod metadata;
+pub mod remote;
 pub mod timeline;

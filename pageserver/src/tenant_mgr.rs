@@ -13,6 +13,7 @@ use utils::{Lsn, TenantId, TimelineId};
 use crate::config::PageServerConf;
 use crate::import_datadir::bootstrap_timeline;
 use crate::tenant::metadata::load_metadata;
+use crate::tenant::remote::download;
 use crate::tenant::timeline::{Timeline, TimelineResources, TENANTS_DIR_NAME, TIMELINES_DIR_NAME};
 use crate::walreceiver;
 
@@ -53,8 +54,10 @@ impl TenantManager {
         self.conf.workdir.join(TENANTS_DIR_NAME)
     }
 
-    /// Loads everything under `<workdir>/tenants` and starts WAL receivers.
-    pub fn load(
+    /// Loads everything under `<workdir>/tenants` and starts WAL receivers. With remote
+    /// storage, first restores every remote timeline that is missing locally (a pageserver that
+    /// lost its disk comes back with all its tenants).
+    pub async fn load(
         conf: PageServerConf,
         resources: TimelineResources,
         shutdown: CancellationToken,
@@ -62,49 +65,23 @@ impl TenantManager {
         let mgr = Arc::new(TenantManager { conf, resources, tenants: RwLock::new(HashMap::new()), shutdown });
         let dir = mgr.tenants_dir();
         std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+        if let Some(storage) = &mgr.resources.remote_storage {
+            let tenants = download::list_remote_tenants(storage)
+                .await
+                .map_err(|e| anyhow::anyhow!("listing tenants in remote storage: {e:#}"))?;
+            for tenant_id in tenants {
+                let restored = download::restore_tenant(storage, &mgr.conf.workdir, tenant_id)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("restoring tenant {tenant_id} from remote storage: {e:#}"))?;
+                if restored > 0 {
+                    info!("restored {restored} timelines of tenant {tenant_id} from remote storage");
+                }
+            }
+        }
         for entry in std::fs::read_dir(&dir)? {
             let entry = entry?;
             let Ok(tenant_id) = entry.file_name().to_string_lossy().parse::<TenantId>() else { continue };
-            let tenant = Arc::new(Tenant { id: tenant_id, timelines: RwLock::new(BTreeMap::new()) });
-            let tl_dir = entry.path().join(TIMELINES_DIR_NAME);
-            let mut pending: BTreeMap<TimelineId, (PathBuf, Option<TimelineId>)> = BTreeMap::new();
-            if tl_dir.exists() {
-                for tl in std::fs::read_dir(&tl_dir)? {
-                    let tl = tl?;
-                    let Ok(timeline_id) = tl.file_name().to_string_lossy().parse::<TimelineId>() else { continue };
-                    match load_metadata(&tl.path()) {
-                        Ok(md) => {
-                            pending.insert(timeline_id, (tl.path(), md.ancestor_timeline));
-                        }
-                        Err(e) => tracing::error!("skipping timeline {tenant_id}/{timeline_id}: {e}"),
-                    }
-                }
-            }
-            // Ancestors first: repeat until nothing more can be loaded.
-            loop {
-                let ready: Vec<TimelineId> = pending
-                    .iter()
-                    .filter(|(_, (_, anc))| anc.is_none_or(|a| tenant.timelines.read().expect("lock").contains_key(&a)))
-                    .map(|(id, _)| *id)
-                    .collect();
-                if ready.is_empty() {
-                    break;
-                }
-                for id in ready {
-                    let (path, anc) = pending.remove(&id).expect("listed");
-                    let ancestor = anc.map(|a| tenant.timelines.read().expect("lock")[&a].clone());
-                    match Timeline::load(&path, ancestor, mgr.resources.clone()) {
-                        Ok(tl) => {
-                            tenant.timelines.write().expect("lock").insert(id, tl);
-                        }
-                        Err(e) => tracing::error!("cannot load timeline {tenant_id}/{id}: {e}"),
-                    }
-                }
-            }
-            for (id, (_, anc)) in pending {
-                tracing::error!("timeline {tenant_id}/{id} not loaded: its ancestor {anc:?} is missing");
-            }
-            info!("loaded tenant {tenant_id} with {} timelines", tenant.timelines.read().expect("lock").len());
+            let tenant = mgr.load_tenant(tenant_id, &entry.path())?;
             mgr.tenants.write().expect("lock").insert(tenant_id, tenant);
         }
         for tenant in mgr.list_tenants() {
@@ -113,6 +90,110 @@ impl TenantManager {
             }
         }
         Ok(mgr)
+    }
+
+    /// Loads the timelines in `tenant_dir` (`<workdir>/tenants/<tenant>`), ancestors first.
+    /// Timelines that fail to load are logged and left out.
+    fn load_tenant(&self, tenant_id: TenantId, tenant_dir: &std::path::Path) -> anyhow::Result<Arc<Tenant>> {
+        let tenant = Arc::new(Tenant { id: tenant_id, timelines: RwLock::new(BTreeMap::new()) });
+        let tl_dir = tenant_dir.join(TIMELINES_DIR_NAME);
+        let mut pending: BTreeMap<TimelineId, (PathBuf, Option<TimelineId>)> = BTreeMap::new();
+        if tl_dir.exists() {
+            for tl in std::fs::read_dir(&tl_dir)? {
+                let tl = tl?;
+                let Ok(timeline_id) = tl.file_name().to_string_lossy().parse::<TimelineId>() else { continue };
+                match load_metadata(&tl.path()) {
+                    Ok(md) => {
+                        pending.insert(timeline_id, (tl.path(), md.ancestor_timeline));
+                    }
+                    Err(e) => tracing::error!("skipping timeline {tenant_id}/{timeline_id}: {e}"),
+                }
+            }
+        }
+        // Ancestors first: repeat until nothing more can be loaded.
+        loop {
+            let ready: Vec<TimelineId> = pending
+                .iter()
+                .filter(|(_, (_, anc))| anc.is_none_or(|a| tenant.timelines.read().expect("lock").contains_key(&a)))
+                .map(|(id, _)| *id)
+                .collect();
+            if ready.is_empty() {
+                break;
+            }
+            for id in ready {
+                let (path, anc) = pending.remove(&id).expect("listed");
+                let ancestor = anc.map(|a| tenant.timelines.read().expect("lock")[&a].clone());
+                match Timeline::load(&path, ancestor, self.resources.clone()) {
+                    Ok(tl) => {
+                        tenant.timelines.write().expect("lock").insert(id, tl);
+                    }
+                    Err(e) => tracing::error!("cannot load timeline {tenant_id}/{id}: {e}"),
+                }
+            }
+        }
+        for (id, (_, anc)) in pending {
+            tracing::error!("timeline {tenant_id}/{id} not loaded: its ancestor {anc:?} is missing");
+        }
+        info!("loaded tenant {tenant_id} with {} timelines", tenant.timelines.read().expect("lock").len());
+        Ok(tenant)
+    }
+
+    /// Attaches a tenant that is in remote storage but not here: downloads its timelines, loads
+    /// them and starts their WAL receivers.
+    pub async fn attach_tenant(&self, tenant_id: TenantId) -> Result<Arc<Tenant>, TenantMgrError> {
+        let Some(storage) = &self.resources.remote_storage else {
+            return Err(TenantMgrError::BadRequest(
+                "attach needs remote storage: configure [remote_storage] in pageserver.toml".to_string(),
+            ));
+        };
+        if self.tenants.read().expect("lock").contains_key(&tenant_id) {
+            return Err(TenantMgrError::AlreadyExists(format!("tenant {tenant_id}")));
+        }
+        let timelines = download::list_remote_timelines(storage, tenant_id)
+            .await
+            .map_err(|e| TenantMgrError::Internal(format!("listing tenant {tenant_id} in remote storage: {e:#}")))?;
+        if timelines.is_empty() {
+            return Err(TenantMgrError::TenantNotFound(tenant_id));
+        }
+        download::restore_tenant(storage, &self.conf.workdir, tenant_id)
+            .await
+            .map_err(|e| TenantMgrError::Internal(format!("restoring tenant {tenant_id}: {e:#}")))?;
+        let tenant = self
+            .load_tenant(tenant_id, &self.tenants_dir().join(tenant_id.to_string()))
+            .map_err(|e| TenantMgrError::Internal(format!("loading tenant {tenant_id}: {e:#}")))?;
+        {
+            let mut map = self.tenants.write().expect("lock");
+            if map.contains_key(&tenant_id) {
+                return Err(TenantMgrError::AlreadyExists(format!("tenant {tenant_id}")));
+            }
+            map.insert(tenant_id, tenant.clone());
+        }
+        for tl in tenant.timelines() {
+            self.start_walreceiver(&tl);
+        }
+        info!("attached tenant {tenant_id} from remote storage");
+        Ok(tenant)
+    }
+
+    /// Waits (up to `timeout` in total) until every timeline's upload queue is empty.
+    pub async fn wait_uploads(&self, timeout: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        for t in self.list_tenants() {
+            for tl in t.timelines() {
+                let Some(remote) = tl.remote_client() else { continue };
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if let Err(status) = remote.wait_uploaded(left).await {
+                    warn!(
+                        "timeline {}/{}: {} uploads not done at shutdown (remote_consistent_lsn {}); they are \
+                         retried at the next start",
+                        tl.tenant_id(),
+                        tl.timeline_id(),
+                        status.queue_len,
+                        status.remote_consistent_lsn
+                    );
+                }
+            }
+        }
     }
 
     fn start_walreceiver(&self, tl: &Arc<Timeline>) {

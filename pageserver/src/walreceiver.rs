@@ -173,7 +173,8 @@ async fn session(tl: &Arc<Timeline>, safekeepers: &[String]) -> anyhow::Result<(
                 let fb = FeedbackMessage::StandbyStatus {
                     write_lsn: tl.get_last_record_lsn(),
                     flush_lsn: tl.get_disk_consistent_lsn(),
-                    apply_lsn: Lsn::INVALID,
+                    // Remote-consistent: what the uploaded index covers (0 without remote storage).
+                    apply_lsn: tl.remote_consistent_lsn().unwrap_or(Lsn::INVALID),
                     send_time_us: pg_now_us(),
                     reply_requested: false,
                 };

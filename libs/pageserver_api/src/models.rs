@@ -34,9 +34,16 @@ pub struct TimelineInfo {
     pub ancestor_lsn: Option<Lsn>,
     pub last_record_lsn: Lsn,
     pub disk_consistent_lsn: Lsn,
+    /// What the uploaded `index_part.json` covers (0 without remote storage).
     pub remote_consistent_lsn: Lsn,
     pub initdb_lsn: Lsn,
     pub pg_version: u32,
+    /// Uploads scheduled and not yet done; `None` without remote storage.
+    #[serde(default)]
+    pub upload_queue_len: Option<usize>,
+    /// The latest failure of the upload at the head of the queue, while it keeps failing.
+    #[serde(default)]
+    pub last_upload_error: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

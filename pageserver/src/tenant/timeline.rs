@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use postgres_ffi::RelTag;
+use remote_storage::GenericRemoteStorage;
 use tokio::sync::watch;
 use tracing::{info, warn};
 use utils::{Lsn, TenantId, TimelineId};
@@ -53,6 +54,7 @@ use crate::redo_applier::{RedoApplier, RedoError};
 use crate::tenant::metadata::{
     load_metadata, save_metadata, MetadataError, TimelineMetadata, METADATA_FILE_NAME, METADATA_TEMP_FILE_NAME,
 };
+use crate::tenant::remote::RemoteTimelineClient;
 use crate::value::Value;
 
 /// `<workdir>/tenants`.
@@ -98,11 +100,23 @@ pub struct TimelineResources {
     pub redo: Arc<dyn RedoApplier>,
     /// Shared by every layer file the process opens.
     pub block_cache: Arc<BlockCache>,
+    /// Where layers and indexes are uploaded (DESIGN D8); `None`: local disk only.
+    pub remote_storage: Option<GenericRemoteStorage>,
 }
 
 impl TimelineResources {
     pub fn new(conf: TenantConf, redo: Arc<dyn RedoApplier>) -> TimelineResources {
-        TimelineResources { conf, redo, block_cache: Arc::new(BlockCache::new(DEFAULT_BLOCK_CACHE_BLOCKS)) }
+        TimelineResources {
+            conf,
+            redo,
+            block_cache: Arc::new(BlockCache::new(DEFAULT_BLOCK_CACHE_BLOCKS)),
+            remote_storage: None,
+        }
+    }
+
+    /// The same, uploading every timeline's layers and index to `storage`.
+    pub fn with_remote_storage(self, storage: Option<GenericRemoteStorage>) -> TimelineResources {
+        TimelineResources { remote_storage: storage, ..self }
     }
 }
 
@@ -227,6 +241,8 @@ pub struct Timeline {
     rel_size_cache: RwLock<HashMap<RelTag, (Lsn, Option<u32>)>>,
     /// Branches created from this timeline: (child, branch point). GC must keep their history.
     children: Mutex<Vec<(TimelineId, Lsn)>>,
+    /// The upload queue, when remote storage is configured.
+    remote: Option<Arc<RemoteTimelineClient>>,
 }
 
 impl Timeline {
@@ -341,6 +357,30 @@ impl Timeline {
             fsync_dir(dir)?;
         }
 
+        // With remote storage: every local layer and then the index are scheduled; the queue skips
+        // layers the remote index already has, so only what a previous run missed is uploaded.
+        let remote = match &resources.remote_storage {
+            None => None,
+            Some(storage) => {
+                let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+                    TimelineError::Invalid(format!(
+                        "timeline {timeline_id}: remote storage needs a tokio runtime to upload in"
+                    ))
+                })?;
+                let client = RemoteTimelineClient::new(storage.clone(), tenant_id, timeline_id);
+                let mut local: Vec<(String, PathBuf)> = layers
+                    .historic_layers()
+                    .map(|l| (l.desc().layer_name().to_string(), l.desc().path.clone()))
+                    .collect();
+                local.sort();
+                for (name, path) in local {
+                    client.schedule_layer_upload(name, path);
+                }
+                client.schedule_index_upload(&md);
+                client.launch(&runtime);
+                Some(client)
+            }
+        };
         let record = RecordLsn { last: md.disk_consistent_lsn, prev: md.prev_record_lsn };
         Ok(Arc::new(Timeline {
             tenant_id,
@@ -357,6 +397,7 @@ impl Timeline {
             frozen_record_lsns: Mutex::new(VecDeque::new()),
             rel_size_cache: RwLock::new(HashMap::new()),
             children: Mutex::new(Vec::new()),
+            remote,
         }))
     }
 
@@ -424,6 +465,16 @@ impl Timeline {
     /// Start LSN of the last ingested record, when known.
     pub fn get_prev_record_lsn(&self) -> Option<Lsn> {
         self.last_record.borrow().prev
+    }
+
+    /// The upload queue, when remote storage is configured.
+    pub fn remote_client(&self) -> Option<&Arc<RemoteTimelineClient>> {
+        self.remote.as_ref()
+    }
+
+    /// What the uploaded index covers; `None` without remote storage.
+    pub fn remote_consistent_lsn(&self) -> Option<Lsn> {
+        self.remote.as_ref().map(|r| r.remote_consistent_lsn())
     }
 
     /// Branches created from this timeline since it was loaded: (child, branch point).
@@ -586,6 +637,9 @@ impl Timeline {
             // 1. Durable file (the writer fsyncs the file and the directory).
             let desc = frozen.write_to_disk(&self.dir)?;
             let written = Arc::new(PersistentLayer::open(&desc.path, &self.resources.block_cache)?);
+            if let Some(remote) = &self.remote {
+                remote.schedule_layer_upload(desc.layer_name().to_string(), desc.path.clone());
+            }
             // 2. Readers switch from the frozen layer to the file in one step.
             let record = {
                 let mut layers = self.layers_write();
@@ -620,6 +674,10 @@ impl Timeline {
             new.disk_consistent_lsn
         );
         save_metadata(&self.dir, &new)?;
+        // Under the metadata lock, so indexes are queued in metadata order.
+        if let Some(remote) = &self.remote {
+            remote.schedule_index_upload(&new);
+        }
         *md = new;
         Ok(())
     }
@@ -881,7 +939,12 @@ pub(crate) mod tests {
 
     pub(crate) fn resources(checkpoint_distance_bytes: u64) -> TimelineResources {
         let conf = TenantConf { checkpoint_distance_bytes, ..TenantConf::default() };
-        TimelineResources { conf, redo: Arc::new(AppendApplier), block_cache: Arc::new(BlockCache::new(256)) }
+        TimelineResources {
+            conf,
+            redo: Arc::new(AppendApplier),
+            block_cache: Arc::new(BlockCache::new(256)),
+            remote_storage: None,
+        }
     }
 
     fn key(n: u32) -> Key {

@@ -1,0 +1,180 @@
+//! Reading remote storage: which tenants and timelines it holds, their indexes, and restoring a
+//! timeline's local directory from its index.
+//!
+//! Restore is eager in this increment: every layer the index names is downloaded (8 at a time),
+//! its size, crc32c and SHA-256 checked against the index, and fsync'd, into a temp directory
+//! that is renamed into place with the metadata file last, exactly like a new timeline
+//! directory. A crash midway leaves only a temp directory, removed on the next attempt. The
+//! index's layer list is what an on-demand layer map will hold instead (a "remote layer" per
+//! entry, downloaded on first read); the download and verification of one layer
+//! ([`download_layer`]) is already separate for that.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use futures::{StreamExt, TryStreamExt};
+use remote_storage::{GenericRemoteStorage, ListingMode, RemotePath, RemoteStorage};
+use tokio::io::AsyncWriteExt;
+use tracing::info;
+use utils::{TenantId, TimelineId};
+
+use super::index::{IndexPart, LayerFileMetadata};
+use super::{remote_index_path, remote_layer_path, remote_tenant_path, Checksummer, REMOTE_TENANTS_PREFIX};
+use crate::tenant::metadata::save_metadata;
+use crate::tenant::timeline::{timeline_path, TENANTS_DIR_NAME, TIMELINES_DIR_NAME};
+
+/// Layers downloaded at once per timeline.
+const DOWNLOAD_CONCURRENCY: usize = 8;
+/// Suffix of a timeline directory being downloaded.
+const DOWNLOAD_TEMP_DIR_SUFFIX: &str = ".___download";
+
+/// Tenants that have anything in remote storage.
+pub async fn list_remote_tenants(storage: &GenericRemoteStorage) -> anyhow::Result<Vec<TenantId>> {
+    let prefix = RemotePath::new(REMOTE_TENANTS_PREFIX).expect("constant");
+    let listing = storage.list(Some(&prefix), ListingMode::WithDelimiter, None).await?;
+    Ok(listing.prefixes.iter().filter_map(|p| p.object_name().parse().ok()).collect())
+}
+
+/// Timelines of `tenant_id` in remote storage (whether or not they have an index yet).
+pub async fn list_remote_timelines(
+    storage: &GenericRemoteStorage,
+    tenant_id: TenantId,
+) -> anyhow::Result<Vec<TimelineId>> {
+    let prefix = remote_tenant_path(tenant_id).join(TIMELINES_DIR_NAME).expect("constant");
+    let listing = storage.list(Some(&prefix), ListingMode::WithDelimiter, None).await?;
+    Ok(listing.prefixes.iter().filter_map(|p| p.object_name().parse().ok()).collect())
+}
+
+/// The timeline's index, or `None` if it has none.
+pub async fn download_index(
+    storage: &GenericRemoteStorage,
+    tenant_id: TenantId,
+    timeline_id: TimelineId,
+) -> anyhow::Result<Option<IndexPart>> {
+    let path = remote_index_path(tenant_id, timeline_id);
+    let bytes = match storage.get_bytes(&path).await {
+        Ok(bytes) => bytes,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let index = IndexPart::decode(&bytes, path.as_str())?;
+    if index.tenant_id != tenant_id || index.timeline_id != timeline_id {
+        anyhow::bail!(
+            "{path}: the index says it belongs to {}/{}, not to the timeline whose prefix holds it",
+            index.tenant_id,
+            index.timeline_id
+        );
+    }
+    Ok(Some(index))
+}
+
+/// Downloads layer `name` of the timeline to `dest`, checks it against `expected` and fsyncs it.
+pub async fn download_layer(
+    storage: &GenericRemoteStorage,
+    tenant_id: TenantId,
+    timeline_id: TimelineId,
+    name: &str,
+    expected: &LayerFileMetadata,
+    dest: &Path,
+) -> anyhow::Result<()> {
+    let remote = remote_layer_path(tenant_id, timeline_id, name)?;
+    let download = storage.get(&remote, None).await?;
+    let mut file = tokio::fs::File::create(dest).await.with_context(|| format!("creating {}", dest.display()))?;
+    let mut sum = Checksummer::default();
+    let mut body = download.body;
+    while let Some(chunk) = body.try_next().await.with_context(|| format!("downloading {remote}"))? {
+        sum.update(&chunk);
+        file.write_all(&chunk).await.with_context(|| format!("writing {}", dest.display()))?;
+    }
+    let got = sum.finish();
+    if &got != expected {
+        anyhow::bail!(
+            "downloaded layer {remote} does not match the index: got {} bytes, crc32c {:08x}, sha256 {}; the index \
+             says {} bytes, crc32c {:08x}, sha256 {}",
+            got.file_size,
+            got.crc32c,
+            got.sha256,
+            expected.file_size,
+            expected.crc32c,
+            expected.sha256
+        );
+    }
+    file.sync_all().await.with_context(|| format!("fsyncing {}", dest.display()))?;
+    Ok(())
+}
+
+/// Creates the local directory of the timeline from `index`: every layer, then the metadata.
+/// Fails if the directory exists.
+pub async fn restore_timeline(
+    storage: &GenericRemoteStorage,
+    workdir: &Path,
+    index: &IndexPart,
+) -> anyhow::Result<PathBuf> {
+    let (tenant_id, timeline_id) = (index.tenant_id, index.timeline_id);
+    let dir = timeline_path(workdir, tenant_id, timeline_id);
+    anyhow::ensure!(!dir.exists(), "{} already exists", dir.display());
+    let parent = dir.parent().expect("a timeline path has a parent");
+    tokio::fs::create_dir_all(parent).await.with_context(|| format!("creating {}", parent.display()))?;
+    let temp = parent.join(format!(".{timeline_id}{DOWNLOAD_TEMP_DIR_SUFFIX}"));
+    if temp.exists() {
+        tokio::fs::remove_dir_all(&temp).await.with_context(|| format!("removing leftover {}", temp.display()))?;
+    }
+    tokio::fs::create_dir(&temp).await.with_context(|| format!("creating {}", temp.display()))?;
+    let started = std::time::Instant::now();
+    let total_bytes: u64 = index.layers.values().map(|m| m.file_size).sum();
+    // Owned values only: a stream of futures borrowing from here is not `Send` for axum.
+    let downloads: Vec<_> = index
+        .layers
+        .iter()
+        .map(|(name, meta)| (storage.clone(), name.clone(), meta.clone(), temp.join(name)))
+        .collect();
+    futures::stream::iter(downloads)
+        .map(|(storage, name, meta, dest)| async move {
+            download_layer(&storage, tenant_id, timeline_id, &name, &meta, &dest).await
+        })
+        .buffer_unordered(DOWNLOAD_CONCURRENCY)
+        .try_collect::<Vec<()>>()
+        .await?;
+    let md = index.timeline_metadata();
+    let (temp2, md2) = (temp.clone(), md.clone());
+    tokio::task::spawn_blocking(move || save_metadata(&temp2, &md2)).await??;
+    tokio::fs::rename(&temp, &dir).await.with_context(|| format!("renaming {} into place", dir.display()))?;
+    std::fs::File::open(parent).and_then(|d| d.sync_all()).with_context(|| format!("fsyncing {}", parent.display()))?;
+    info!(
+        tenant = %tenant_id,
+        timeline = %timeline_id,
+        "restored timeline from remote storage: {} layers, {total_bytes} bytes, disk_consistent_lsn {} in {:?}",
+        index.layers.len(),
+        md.disk_consistent_lsn,
+        started.elapsed()
+    );
+    Ok(dir)
+}
+
+/// Restores every timeline of `tenant_id` that has a remote index and no local directory.
+/// Returns how many were restored.
+pub async fn restore_tenant(
+    storage: &GenericRemoteStorage,
+    workdir: &Path,
+    tenant_id: TenantId,
+) -> anyhow::Result<usize> {
+    let timelines_dir = workdir.join(TENANTS_DIR_NAME).join(tenant_id.to_string()).join(TIMELINES_DIR_NAME);
+    tokio::fs::create_dir_all(&timelines_dir).await.with_context(|| format!("creating {}", timelines_dir.display()))?;
+    let mut restored = 0;
+    for timeline_id in list_remote_timelines(storage, tenant_id).await? {
+        if timeline_path(workdir, tenant_id, timeline_id).exists() {
+            continue;
+        }
+        match download_index(storage, tenant_id, timeline_id).await? {
+            Some(index) => {
+                restore_timeline(storage, workdir, &index).await?;
+                restored += 1;
+            }
+            None => tracing::warn!(
+                "remote timeline {tenant_id}/{timeline_id} has no index_part.json (its creation was not uploaded); \
+                 skipping it"
+            ),
+        }
+    }
+    Ok(restored)
+}

@@ -1,0 +1,212 @@
+"""Remote storage (issue 7, first increment): the pageserver uploads every layer and then
+`index_part.json`; a pageserver whose disk was wiped restores its tenants from remote storage
+and serves the same data. Each test runs against LocalFs and against moto's S3 server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from fixtures.compute import Storage
+from fixtures.daemons import Daemon, wait_until
+from fixtures.pageserver import Pageserver
+from fixtures.paths import neon_bin, pg_bin, pg_install_dir
+from fixtures.safekeeper import lsn_int
+
+log = logging.getLogger(__name__)
+
+S3_PREFIX = "pageserver"
+# Small layers, so that many are flushed (and uploaded) while WAL is ingested.
+CHECKPOINT_DISTANCE = "checkpoint_distance = 16777216\n"
+
+
+class NamedPageserver(Pageserver):
+    """A second pageserver in one test, with its own daemon name and log."""
+
+    def start(self) -> "NamedPageserver":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "pageserver.toml").write_text(
+            f"id = 2\nlisten_pg_addr = '127.0.0.1:{self.pg_port}'\nlisten_http_addr = '127.0.0.1:{self.http_port}'\n"
+            f"pg_distrib_dir = '{pg_install_dir()}'\nsafekeepers = []\n{self.extra_conf}\n"
+        )
+        self.daemon = self.daemons.add(
+            Daemon(name="pageserver2", argv=[str(neon_bin("pageserver")), "--workdir", str(self.workdir)], log_path=self.daemons.output_dir / "pageserver2.log")
+        )
+        self.daemon.start()
+        wait_until("pageserver2 HTTP", lambda: requests.get(f"{self.http}/v1/status", timeout=1).ok)
+        return self
+
+
+class LocalRemote:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def conf(self) -> str:
+        return f"{CHECKPOINT_DISTANCE}[remote_storage]\nlocal_path = '{self.root}'\n"
+
+    def get(self, key: str) -> bytes:
+        return (self.root / key).read_bytes()
+
+    def sizes(self, prefix: str) -> dict[str, int]:
+        base = self.root / prefix
+        return {str(p.relative_to(self.root)): p.stat().st_size for p in base.rglob("*") if p.is_file()} if base.exists() else {}
+
+
+class S3Remote:
+    def __init__(self, s3):
+        self.s3 = s3
+        self.client = s3.client()
+
+    def conf(self) -> str:
+        return (
+            f"{CHECKPOINT_DISTANCE}[remote_storage]\nbucket_name = '{self.s3.bucket}'\nbucket_region = '{self.s3.region}'\n"
+            f"endpoint = '{self.s3.endpoint}'\nprefix_in_bucket = '{S3_PREFIX}'\n"
+        )
+
+    def get(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.s3.bucket, Key=f"{S3_PREFIX}/{key}")["Body"].read()
+
+    def sizes(self, prefix: str) -> dict[str, int]:
+        out = {}
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.s3.bucket, Prefix=f"{S3_PREFIX}/{prefix}"):
+            for o in page.get("Contents", []):
+                out[o["Key"][len(S3_PREFIX) + 1 :]] = o["Size"]
+        return out
+
+
+@pytest.fixture(params=["local_fs", "mock_s3"])
+def remote(request, test_output_dir, monkeypatch):
+    if request.param == "local_fs":
+        return LocalRemote(test_output_dir / "remote_storage")
+    s3 = request.getfixturevalue("moto_s3")
+    # The pageserver inherits these: the standard AWS credential chain reads them.
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    return S3Remote(s3)
+
+
+class RemoteStorageStack(Storage):
+    """`Storage` (a pageserver, the test's safekeepers, one timeline) with remote storage."""
+
+    def __init__(self, daemons, safekeepers, output_dir: Path, port_allocator, remote_conf: str):
+        self.daemons = daemons
+        self.safekeepers = safekeepers
+        self.output_dir = output_dir
+        self.ports = port_allocator
+        self.ps = Pageserver(
+            daemons, output_dir / "pageserver", port_allocator.get(), port_allocator.get(), [sk.addr for sk in safekeepers], extra_conf=remote_conf
+        ).start()
+        self.tenant_id, self.timeline_id = uuid.uuid4().hex, uuid.uuid4().hex
+        self.ps.create_tenant(self.tenant_id)
+        start_lsn = self.ps.create_timeline(self.tenant_id, self.timeline_id)["last_record_lsn"]
+        for sk in safekeepers:
+            sk.create_timeline(self.tenant_id, self.timeline_id, start_lsn)
+        daemons.allow_errors("walproposer", "Postgres ended the replication stream", "disconnected")
+
+
+def pg_dump(connstr: str) -> str:
+    out = subprocess.run([str(pg_bin("pg_dump")), "--no-sync", connstr], check=True, capture_output=True, text=True, timeout=300).stdout
+    # \\restrict / \\unrestrict carry a random key per run.
+    return "\n".join(line for line in out.splitlines() if not line.startswith(("\\restrict ", "\\unrestrict ")))
+
+
+def test_upload_wipe_restore(remote, daemons, safekeeper_cluster, test_output_dir, port_allocator):
+    # A second pageserver on the same remote storage, started before the tenant exists: it
+    # learns about the tenant only through the attach API.
+    other = NamedPageserver(daemons, test_output_dir / "pageserver2", port_allocator.get(), port_allocator.get(), [], extra_conf=remote.conf()).start()
+    stack = RemoteStorageStack(daemons, safekeeper_cluster, test_output_dir, port_allocator, remote.conf())
+    ps, tenant, timeline = stack.ps, stack.tenant_id, stack.timeline_id
+
+    c1 = stack.compute("compute1")
+    t0 = time.monotonic()
+    subprocess.run([str(pg_bin("pgbench")), "-i", "-s", "5", "-q", c1.connstr], check=True, capture_output=True, timeout=600)
+    c1.sql("create table t(id int primary key, v text)")
+    c1.sql("insert into t select g, md5(g::text) from generate_series(1, 20000) g")
+    log.info("pgbench -i -s 5 and 20k rows: %.1fs", time.monotonic() - t0)
+    expected = c1.sql("select (select count(*) from pgbench_accounts), (select sum(abalance) from pgbench_accounts), (select count(*) from t), (select sum(id) from t)")
+    dump = pg_dump(c1.connstr)
+    c1.stop()
+
+    # Everything committed is ingested, checkpointed and uploaded.
+    commit = max(lsn_int(sk.timeline_status(tenant, timeline)["commit_lsn"]) for sk in safekeeper_cluster)
+    wait_until("the pageserver to ingest all committed WAL", lambda: lsn_int(ps.timeline(tenant, timeline)["last_record_lsn"]) >= commit, timeout_s=60)
+    t0 = time.monotonic()
+    r = requests.put(f"{ps.http}/v1/tenant/{tenant}/timeline/{timeline}/checkpoint?wait_until_uploaded=true", timeout=600)
+    assert r.ok, r.text
+    upload_s = time.monotonic() - t0
+    info = r.json()
+    assert info["upload_queue_len"] == 0 and info["last_upload_error"] is None, info
+    assert info["remote_consistent_lsn"] == info["disk_consistent_lsn"] == info["last_record_lsn"], info
+
+    # The index names exactly the local layers, and each remote object has the size and
+    # SHA-256 the index gives.
+    prefix = f"tenants/{tenant}/timelines/{timeline}"
+    index = json.loads(remote.get(f"{prefix}/index_part.json"))
+    assert index["version"] == 1 and index["tenant_id"] == tenant and index["timeline_id"] == timeline
+    assert index["metadata"]["disk_consistent_lsn"] == info["disk_consistent_lsn"]
+    assert index["metadata"]["initdb_lsn"] == info["initdb_lsn"]
+    local_dir = ps.workdir / "tenants" / tenant / "timelines" / timeline
+    local_layers = {p.name: p.stat().st_size for p in local_dir.iterdir() if p.name != "metadata"}
+    assert {name: m["file_size"] for name, m in index["layers"].items()} == local_layers
+    remote_sizes = remote.sizes(prefix)
+    total_bytes = 0
+    for name, meta in index["layers"].items():
+        key = f"{prefix}/{name}"
+        assert remote_sizes.get(key) == meta["file_size"], name
+        body = remote.get(key)
+        assert len(body) == meta["file_size"] and hashlib.sha256(body).hexdigest() == meta["sha256"], name
+        total_bytes += len(body)
+    log.info("uploaded %d layers, %.1f MB; checkpoint + upload wait %.1fs", len(index["layers"]), total_bytes / 1e6, upload_s)
+    assert len(index["layers"]) >= 2
+
+    # The safekeeper the pageserver streams from hears the remote-consistent LSN in its feedback
+    # (the others learn it when the pageserver streams from them).
+    remote_lsn = lsn_int(info["remote_consistent_lsn"])
+    wait_until(
+        "a safekeeper to learn the remote-consistent LSN",
+        lambda: any(lsn_int(sk.timeline_status(tenant, timeline)["remote_consistent_lsn"]) >= remote_lsn for sk in safekeeper_cluster),
+        timeout_s=30,
+    )
+
+    # Attach on the other pageserver: it downloads the tenant and has the same timeline.
+    r = requests.post(f"{other.http}/v1/tenant/{tenant}/attach", timeout=300)
+    assert r.status_code == 201, r.text
+    attached = other.timeline(tenant, timeline)
+    assert attached["disk_consistent_lsn"] == info["disk_consistent_lsn"]
+    assert requests.post(f"{other.http}/v1/tenant/{tenant}/attach", timeout=30).status_code == 409
+    r = requests.post(f"{other.http}/v1/tenant/{uuid.uuid4().hex}/attach", timeout=30)
+    assert r.status_code == 404, r.text
+    other.stop()
+
+    # Wipe the pageserver's disk and restart it: it restores the tenant from remote storage.
+    ps.stop()
+    shutil.rmtree(ps.workdir / "tenants")
+    t0 = time.monotonic()
+    ps.start()
+    restored = ps.timeline(tenant, timeline)
+    restore_s = time.monotonic() - t0
+    log.info("restart with an empty disk until the timeline is served: %.1fs (eager download of %.1f MB)", restore_s, total_bytes / 1e6)
+    assert restored["disk_consistent_lsn"] == info["disk_consistent_lsn"]
+    # (0/0 until the upload queue has read the remote index, a moment after start.)
+    wait_until("the remote index to be read", lambda: ps.timeline(tenant, timeline)["remote_consistent_lsn"] == info["remote_consistent_lsn"])
+    assert restored["initdb_lsn"] == info["initdb_lsn"]
+    assert {p.name: p.stat().st_size for p in local_dir.iterdir() if p.name != "metadata"} == local_layers
+
+    # A fresh compute reads back exactly the same data, and can write on.
+    c2 = stack.compute("compute2")
+    assert c2.sql("select (select count(*) from pgbench_accounts), (select sum(abalance) from pgbench_accounts), (select count(*) from t), (select sum(id) from t)") == expected
+    assert pg_dump(c2.connstr) == dump
+    c2.sql("insert into t values (20001, 'after restore')")
+    c2.stop()
+    c3 = stack.compute("compute3")
+    assert c3.sql("select v from t where id = 20001") == [("after restore",)]
+    c3.stop()
