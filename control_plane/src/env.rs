@@ -41,6 +41,9 @@ pub struct EndpointConf {
     /// A read-only endpoint at this LSN; `None` for the branch's primary.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub static_lsn: Option<Lsn>,
+    /// A hot standby streaming the branch's WAL from the safekeepers (read-only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hot_standby: bool,
 }
 
 impl EndpointConf {
@@ -51,8 +54,14 @@ impl EndpointConf {
     pub fn mode_desc(&self) -> String {
         match self.static_lsn {
             Some(l) => format!("static at {l}"),
+            None if self.hot_standby => "hot standby".into(),
             None => "primary".into(),
         }
+    }
+
+    /// The branch's read-write endpoint (at most one per branch).
+    pub fn is_primary(&self) -> bool {
+        self.static_lsn.is_none() && !self.hot_standby
     }
 }
 
@@ -225,9 +234,12 @@ impl Env {
         }
         let pg_install =
             std::env::var_os("PG_INSTALL_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("pg_install"));
-        let pg_install = fs::canonicalize(&pg_install).with_context(|| {
-            format!("Postgres build not found at {}: run postgres/build.sh or set PG_INSTALL_DIR", pg_install.display())
-        })?;
+        // Absolute but not resolved: `pg_install` is a symlink postgres/build.sh moves to each new
+        // build, and the build it pointed to before is eventually deleted.
+        let pg_install = std::path::absolute(&pg_install)?;
+        if !pg_install.join("bin/postgres").exists() {
+            bail!("Postgres build not found at {}: run postgres/build.sh or set PG_INSTALL_DIR", pg_install.display());
+        }
         let bin_dir = std::env::current_exe()?.parent().context("binary directory")?.to_path_buf();
         for b in ["pageserver", "safekeeper", "compute_ctl"] {
             if !bin_dir.join(b).exists() {
@@ -897,6 +909,7 @@ impl Env {
         branch: &str,
         lsn: Option<Lsn>,
         timestamp: Option<&str>,
+        hot_standby: bool,
         settings: &[String],
         pg_port: Option<u16>,
         http_port: Option<u16>,
@@ -918,6 +931,9 @@ impl Env {
         }
         let t = self.tenant(tenant)?;
         let tl = self.timeline_of(t, branch)?;
+        if hot_standby && (lsn.is_some() || timestamp.is_some()) {
+            bail!("--hot-standby follows the branch as it changes; it takes no --lsn or --timestamp");
+        }
         let static_lsn = match (lsn, timestamp) {
             (Some(_), Some(_)) => bail!("give --lsn or --timestamp, not both"),
             (Some(l), None) => {
@@ -931,12 +947,10 @@ impl Env {
             }
             (None, None) => None,
         };
-        if static_lsn.is_none() {
-            if let Some((other, _)) =
-                self.conf.endpoints.iter().find(|(_, e)| e.timeline_id == tl && e.static_lsn.is_none())
-            {
+        if static_lsn.is_none() && !hot_standby {
+            if let Some((other, _)) = self.conf.endpoints.iter().find(|(_, e)| e.timeline_id == tl && e.is_primary()) {
                 bail!(
-                    "branch '{branch}' already has endpoint '{other}': a branch has one primary; create a branch for another one, or a read-only endpoint with --lsn"
+                    "branch '{branch}' already has endpoint '{other}': a branch has one primary; create a branch for another one, a read-only endpoint with --lsn, or a replica with --hot-standby"
                 );
             }
         }
@@ -973,6 +987,7 @@ impl Env {
                 Some(pg),
             ),
             static_lsn,
+            hot_standby,
         };
         let mut spec = serde_json::json!({
             "tenant_id": t,
@@ -995,6 +1010,9 @@ impl Env {
                 spec["lsn"] = serde_json::json!(l);
             }
             None => {
+                if hot_standby {
+                    spec["mode"] = serde_json::json!("replica");
+                }
                 spec["safekeepers"] = serde_json::json!(self
                     .conf
                     .safekeepers
@@ -1025,6 +1043,8 @@ impl Env {
         // primary a majority of the safekeepers.
         self.ps_get("/v1/status").with_context(|| format!("endpoint '{name}' needs the pageserver"))?;
         if self.conf.endpoints[name].static_lsn.is_none() {
+            // A primary needs a majority; a replica streams from any one of them.
+            let needed = if self.conf.endpoints[name].hot_standby { 1 } else { self.conf.safekeepers.len() / 2 + 1 };
             let down: Vec<String> = self
                 .conf
                 .safekeepers
@@ -1033,9 +1053,9 @@ impl Env {
                 .map(|sk| sk.id.to_string())
                 .collect();
             let n = self.conf.safekeepers.len();
-            if n - down.len() < n / 2 + 1 {
+            if n - down.len() < needed {
                 bail!(
-                    "endpoint '{name}' needs a majority of the {n} safekeepers, but safekeepers {} are not answering; start them with 'neon_local safekeeper start ID'",
+                    "endpoint '{name}' needs {needed} of the {n} safekeepers, but safekeepers {} are not answering; start them with 'neon_local safekeeper start ID'",
                     down.join(", ")
                 );
             }

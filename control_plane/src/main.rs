@@ -112,7 +112,8 @@ enum TimelineCmd {
 
 #[derive(Subcommand)]
 enum EndpointCmd {
-    /// Create an endpoint: the branch's primary, or a read-only one with --lsn/--timestamp.
+    /// Create an endpoint: the branch's primary, a read-only one with --lsn/--timestamp, or a replica
+    /// with --hot-standby.
     Create {
         name: String,
         #[arg(long, default_value = "main")]
@@ -123,6 +124,9 @@ enum EndpointCmd {
         /// Read-only (static) endpoint showing the branch as it was at this time (RFC 3339).
         #[arg(long)]
         timestamp: Option<String>,
+        /// Read-only replica following the branch's primary (streams WAL from the safekeepers).
+        #[arg(long)]
+        hot_standby: bool,
         /// Postgres setting for this endpoint, `-c name=value` (repeatable).
         #[arg(short = 'c', long = "config")]
         config: Vec<String>,
@@ -246,6 +250,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             branch_name,
             lsn,
             timestamp,
+            hot_standby,
             config,
             pg_port,
             http_port,
@@ -258,6 +263,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &branch_name,
                 lsn,
                 timestamp.as_deref(),
+                hot_standby,
                 &config,
                 pg_port,
                 http_port,
