@@ -69,12 +69,13 @@ impl TenantManager {
             let tenants = download::list_remote_tenants(storage)
                 .await
                 .map_err(|e| anyhow::anyhow!("listing tenants in remote storage: {e:#}"))?;
+            // One broken tenant must not keep the others from being served: it is logged and left
+            // out (its timelines that were restored before the failure are loaded).
             for tenant_id in tenants {
-                let restored = download::restore_tenant(storage, &mgr.conf.workdir, tenant_id)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("restoring tenant {tenant_id} from remote storage: {e:#}"))?;
-                if restored > 0 {
-                    info!("restored {restored} timelines of tenant {tenant_id} from remote storage");
+                match download::restore_tenant(storage, &mgr.conf.workdir, tenant_id).await {
+                    Ok(0) => {}
+                    Ok(restored) => info!("restored {restored} timelines of tenant {tenant_id} from remote storage"),
+                    Err(e) => tracing::error!("restoring tenant {tenant_id} from remote storage failed: {e:#}"),
                 }
             }
         }

@@ -119,36 +119,9 @@ def pg_dump(connstr: str) -> str:
     return "\n".join(line for line in out.splitlines() if not line.startswith(("\\restrict ", "\\unrestrict ")))
 
 
-def test_upload_wipe_restore(remote, daemons, safekeeper_cluster, test_output_dir, port_allocator):
-    # A second pageserver on the same remote storage, started before the tenant exists: it
-    # learns about the tenant only through the attach API.
-    other = NamedPageserver(daemons, test_output_dir / "pageserver2", port_allocator.get(), port_allocator.get(), [], extra_conf=remote.conf()).start()
-    stack = RemoteStorageStack(daemons, safekeeper_cluster, test_output_dir, port_allocator, remote.conf())
-    ps, tenant, timeline = stack.ps, stack.tenant_id, stack.timeline_id
-
-    c1 = stack.compute("compute1")
-    t0 = time.monotonic()
-    subprocess.run([str(pg_bin("pgbench")), "-i", "-s", "5", "-q", c1.connstr], check=True, capture_output=True, timeout=600)
-    c1.sql("create table t(id int primary key, v text)")
-    c1.sql("insert into t select g, md5(g::text) from generate_series(1, 20000) g")
-    log.info("pgbench -i -s 5 and 20k rows: %.1fs", time.monotonic() - t0)
-    expected = c1.sql("select (select count(*) from pgbench_accounts), (select sum(abalance) from pgbench_accounts), (select count(*) from t), (select sum(id) from t)")
-    dump = pg_dump(c1.connstr)
-    c1.stop()
-
-    # Everything committed is ingested, checkpointed and uploaded.
-    commit = max(lsn_int(sk.timeline_status(tenant, timeline)["commit_lsn"]) for sk in safekeeper_cluster)
-    wait_until("the pageserver to ingest all committed WAL", lambda: lsn_int(ps.timeline(tenant, timeline)["last_record_lsn"]) >= commit, timeout_s=60)
-    t0 = time.monotonic()
-    r = requests.put(f"{ps.http}/v1/tenant/{tenant}/timeline/{timeline}/checkpoint?wait_until_uploaded=true", timeout=600)
-    assert r.ok, r.text
-    upload_s = time.monotonic() - t0
-    info = r.json()
-    assert info["upload_queue_len"] == 0 and info["last_upload_error"] is None, info
-    assert info["remote_consistent_lsn"] == info["disk_consistent_lsn"] == info["last_record_lsn"], info
-
-    # The index names exactly the local layers, and each remote object has the size and
-    # SHA-256 the index gives.
+def check_remote_index(remote, ps: Pageserver, tenant: str, timeline: str, info: dict) -> tuple[int, int]:
+    """Walks the remote index: it names exactly the local layers, and each remote object has the
+    size and SHA-256 the index gives. Returns (layers, bytes)."""
     prefix = f"tenants/{tenant}/timelines/{timeline}"
     index = json.loads(remote.get(f"{prefix}/index_part.json"))
     assert index["version"] == 1 and index["tenant_id"] == tenant and index["timeline_id"] == timeline
@@ -165,8 +138,51 @@ def test_upload_wipe_restore(remote, daemons, safekeeper_cluster, test_output_di
         body = remote.get(key)
         assert len(body) == meta["file_size"] and hashlib.sha256(body).hexdigest() == meta["sha256"], name
         total_bytes += len(body)
-    log.info("uploaded %d layers, %.1f MB; checkpoint + upload wait %.1fs", len(index["layers"]), total_bytes / 1e6, upload_s)
-    assert len(index["layers"]) >= 2
+    return len(index["layers"]), total_bytes
+
+
+def checkpoint_and_upload(ps: Pageserver, tenant: str, timeline: str, safekeepers) -> dict:
+    """Waits until the pageserver has all committed WAL, checkpoints and waits for the uploads."""
+    commit = max(lsn_int(sk.timeline_status(tenant, timeline)["commit_lsn"]) for sk in safekeepers)
+    wait_until("the pageserver to ingest all committed WAL", lambda: lsn_int(ps.timeline(tenant, timeline)["last_record_lsn"]) >= commit, timeout_s=60)
+    r = requests.put(f"{ps.http}/v1/tenant/{tenant}/timeline/{timeline}/checkpoint?wait_until_uploaded=true", timeout=600)
+    assert r.ok, r.text
+    info = r.json()
+    assert info["upload_queue_len"] == 0 and info["last_upload_error"] is None, info
+    assert info["remote_consistent_lsn"] == info["disk_consistent_lsn"] == info["last_record_lsn"], info
+    return info
+
+
+SUMS = "select (select count(*) from pgbench_accounts), (select sum(abalance) from pgbench_accounts), (select count(*) from t), (select sum(id) from t)"
+
+
+def test_upload_wipe_restore(remote, daemons, safekeeper_cluster, test_output_dir, port_allocator):
+    # A second pageserver on the same remote storage, started before the tenant exists: it
+    # learns about the tenant only through the attach API.
+    other = NamedPageserver(daemons, test_output_dir / "pageserver2", port_allocator.get(), port_allocator.get(), [], extra_conf=remote.conf()).start()
+    stack = RemoteStorageStack(daemons, safekeeper_cluster, test_output_dir, port_allocator, remote.conf())
+    ps, tenant, timeline = stack.ps, stack.tenant_id, stack.timeline_id
+
+    c1 = stack.compute("compute1")
+    t0 = time.monotonic()
+    subprocess.run([str(pg_bin("pgbench")), "-i", "-s", "5", "-q", c1.connstr], check=True, capture_output=True, timeout=600)
+    c1.sql("create table t(id int primary key, v text)")
+    c1.sql("insert into t select g, md5(g::text) from generate_series(1, 20000) g")
+    log.info("pgbench -i -s 5 and 20k rows: %.1fs", time.monotonic() - t0)
+    expected = c1.sql(SUMS)
+    dump = pg_dump(c1.connstr)
+    c1.stop()
+
+    # Everything committed is ingested, checkpointed and uploaded; the index names exactly the
+    # local layers, with the right sizes and checksums.
+    t0 = time.monotonic()
+    info = checkpoint_and_upload(ps, tenant, timeline, safekeeper_cluster)
+    upload_s = time.monotonic() - t0
+    n_layers, total_bytes = check_remote_index(remote, ps, tenant, timeline, info)
+    log.info("uploaded %d layers, %.1f MB; checkpoint + upload wait %.1fs", n_layers, total_bytes / 1e6, upload_s)
+    assert n_layers >= 2
+    local_dir = ps.workdir / "tenants" / tenant / "timelines" / timeline
+    local_layers = {p.name: p.stat().st_size for p in local_dir.iterdir() if p.name != "metadata"}
 
     # The safekeeper the pageserver streams from hears the remote-consistent LSN in its feedback
     # (the others learn it when the pageserver streams from them).
@@ -203,10 +219,50 @@ def test_upload_wipe_restore(remote, daemons, safekeeper_cluster, test_output_di
 
     # A fresh compute reads back exactly the same data, and can write on.
     c2 = stack.compute("compute2")
-    assert c2.sql("select (select count(*) from pgbench_accounts), (select sum(abalance) from pgbench_accounts), (select count(*) from t), (select sum(id) from t)") == expected
+    assert c2.sql(SUMS) == expected
     assert pg_dump(c2.connstr) == dump
     c2.sql("insert into t values (20001, 'after restore')")
     c2.stop()
     c3 = stack.compute("compute3")
     assert c3.sql("select v from t where id = 20001") == [("after restore",)]
     c3.stop()
+
+
+def test_kill9_during_upload_then_restore(remote, daemons, safekeeper_cluster, test_output_dir, port_allocator):
+    """kill -9 of the pageserver while it ingests and uploads, a restart on the same disk, then a
+    wipe: the index stays consistent (every layer it names is there with its checksum) and no
+    data is lost."""
+    stack = RemoteStorageStack(daemons, safekeeper_cluster, test_output_dir, port_allocator, remote.conf())
+    ps, tenant, timeline = stack.ps, stack.tenant_id, stack.timeline_id
+    c1 = stack.compute("compute1")
+    c1.sql("create table t(id int primary key, v text)")
+    first = lsn_int(ps.timeline(tenant, timeline)["disk_consistent_lsn"])
+    bench = subprocess.Popen([str(pg_bin("pgbench")), "-i", "-s", "5", "-q", c1.connstr], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Kill it while WAL flows, as soon as a layer beyond the bootstrap is flushed (its upload is
+    # then under way), and restart it on the same disk.
+    wait_until("a flush", lambda: lsn_int(ps.timeline(tenant, timeline)["disk_consistent_lsn"]) > first, timeout_s=120, interval_s=0.02)
+    at_kill = ps.timeline(tenant, timeline)
+    ps.stop(immediate=True)
+    log.info(
+        "killed at last_record_lsn %s, disk_consistent_lsn %s, remote_consistent_lsn %s, %s uploads queued",
+        at_kill["last_record_lsn"], at_kill["disk_consistent_lsn"], at_kill["remote_consistent_lsn"], at_kill["upload_queue_len"],
+    )
+    ps.start()
+    _, err = bench.communicate(timeout=600)
+    assert bench.returncode == 0, err
+    c1.sql("insert into t select g, md5(g::text) from generate_series(1, 20000) g")
+    expected = c1.sql(SUMS)
+    dump = pg_dump(c1.connstr)
+    c1.stop()
+    info = checkpoint_and_upload(ps, tenant, timeline, safekeeper_cluster)
+    assert lsn_int(info["remote_consistent_lsn"]) >= lsn_int(at_kill["remote_consistent_lsn"])
+    check_remote_index(remote, ps, tenant, timeline, info)
+
+    ps.stop()
+    shutil.rmtree(ps.workdir / "tenants")
+    ps.start()
+    assert ps.timeline(tenant, timeline)["disk_consistent_lsn"] == info["disk_consistent_lsn"]
+    c2 = stack.compute("compute2")
+    assert c2.sql(SUMS) == expected
+    assert pg_dump(c2.connstr) == dump
+    c2.stop()

@@ -135,3 +135,27 @@ async fn a_failing_upload_is_visible_and_retried() {
         last
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_remote_index_is_replaced_by_the_local_state() {
+    let remote_dir = tempfile::tempdir().expect("tempdir");
+    let storage = GenericRemoteStorage::LocalFs(LocalFs::new(remote_dir.path().to_path_buf()).expect("localfs"));
+    let workdir = tempfile::tempdir().expect("tempdir");
+    let res = resources(4096).with_remote_storage(Some(storage.clone()));
+    let tl = Timeline::create_empty(workdir.path(), TENANT, TIMELINE, Lsn(0x100), 15, res.clone()).expect("create");
+    let last = write(&tl, 0x100, 300);
+    tl.checkpoint().expect("checkpoint");
+    tl.remote_client().expect("remote").wait_uploaded(Duration::from_secs(30)).await.expect("uploaded");
+    let dir = tl.dir().to_path_buf();
+    drop(tl);
+    let index_path = remote_dir.path().join(super::remote_index_path(TENANT, TIMELINE).as_str());
+    std::fs::write(&index_path, b"{\"version\": 1, \"layers\": ").expect("corrupt the index");
+    let err = download_index(&storage, TENANT, TIMELINE).await.expect_err("corrupt");
+    assert!(format!("{err:#}").contains("corrupt index_part.json"), "{err:#}");
+    // The next load uploads a complete index again.
+    let tl = Timeline::load(&dir, None, res).expect("reload");
+    let status = tl.remote_client().expect("remote").wait_uploaded(Duration::from_secs(30)).await.expect("uploaded");
+    assert_eq!(status.remote_consistent_lsn, last);
+    let index = download_index(&storage, TENANT, TIMELINE).await.expect("valid again").expect("an index");
+    assert_eq!(index.layers.len(), tl.historic_layers().len());
+}

@@ -28,7 +28,7 @@ use tokio::sync::{watch, Notify};
 use tracing::{debug, error, info, warn};
 use utils::{Lsn, TenantId, TimelineId};
 
-use super::index::{IndexPart, LayerFileMetadata};
+use super::index::{IndexPart, IndexPartError, LayerFileMetadata};
 use super::{checksum_file, remote_index_path, remote_layer_path};
 use crate::layer::LayerName;
 use crate::tenant::metadata::TimelineMetadata;
@@ -259,8 +259,21 @@ impl RemoteTimelineClient {
         }
     }
 
+    /// The remote index. A corrupt one is treated as absent (the local timeline is complete and
+    /// its next index replaces it); one of an unsupported version is an error (a newer
+    /// pageserver wrote it: do not overwrite it), retried like any other.
     async fn download_remote_index(&self) -> anyhow::Result<Option<IndexPart>> {
-        super::download::download_index(&self.storage, self.tenant_id, self.timeline_id).await
+        match super::download::download_index(&self.storage, self.tenant_id, self.timeline_id).await {
+            Err(e) if e.downcast_ref::<IndexPartError>().is_some_and(IndexPartError::is_corruption) => {
+                error!(
+                    tenant = %self.tenant_id,
+                    timeline = %self.timeline_id,
+                    "{e:#}; uploading every local layer and a new index over it"
+                );
+                Ok(None)
+            }
+            other => other,
+        }
     }
 
     async fn execute(&self, op: &UploadOp) -> anyhow::Result<()> {
