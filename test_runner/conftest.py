@@ -38,14 +38,20 @@ def port_allocator() -> PortAllocator:
 
 @pytest.fixture
 def test_output_dir(request) -> Path:
-    """A fresh folder per test; logs and data stay there after the test for inspection."""
+    """A fresh folder per test. A failed test's logs and data stay there for inspection; a passed
+    test's folder is removed (data directories of a whole run add up to tens of GB), unless
+    KEEP_TEST_OUTPUT=1."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.nodeid.split("::", 1)[-1])[:120]
     d = _output_root() / name
     if d.exists():
         shutil.rmtree(d)
     d.mkdir(parents=True)
     os.chmod(d, 0o755)
-    return d
+    yield d
+    call = getattr(request.node, "rep_call", None)
+    passed = call is not None and call.passed and not getattr(request.node, "keep_output", False)
+    if passed and os.environ.get("KEEP_TEST_OUTPUT") != "1":
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)
@@ -66,6 +72,7 @@ def daemons(request, test_output_dir) -> DaemonSet:
     if failed is not None and failed.passed:
         errors = ds.unexpected_errors()
         if errors:
+            request.node.keep_output = True  # the logs explain the failure
             pytest.fail("daemons logged unexpected errors:\n" + "\n".join(errors[:20]), pytrace=False)
 
 
