@@ -1,7 +1,7 @@
 //! A tenant's timelines on local disk: `<workdir>/tenants/<tenant>/timelines/<timeline>/`.
 //!
 //! - [`metadata`]: the per-timeline metadata file (disk-consistent LSN, branch point, ...).
-//! - [`remote`]: remote storage: `index_part.json`, the upload queue, restore.
+//! - [`remote`]: remote storage: `index_part.json`, the upload queue, restore, on-demand download.
 //! - [`timeline`]: one timeline: its layers, write path (ingest → in-memory layer → L0 deltas),
 //!   read path (layers, then the ancestor below the branch point, then WAL redo), branching.
 //!

@@ -13,7 +13,7 @@ use utils::{Lsn, TenantId, TimelineId};
 use crate::config::PageServerConf;
 use crate::import_datadir::bootstrap_timeline;
 use crate::tenant::metadata::load_metadata;
-use crate::tenant::remote::download;
+use crate::tenant::remote::{download, IndexPart};
 use crate::tenant::timeline::{Timeline, TimelineResources, TENANTS_DIR_NAME, TIMELINES_DIR_NAME};
 use crate::walreceiver;
 
@@ -82,7 +82,8 @@ impl TenantManager {
         for entry in std::fs::read_dir(&dir)? {
             let entry = entry?;
             let Ok(tenant_id) = entry.file_name().to_string_lossy().parse::<TenantId>() else { continue };
-            let tenant = mgr.load_tenant(tenant_id, &entry.path())?;
+            let indexes = mgr.remote_indexes(tenant_id).await;
+            let tenant = mgr.load_tenant(tenant_id, &entry.path(), &indexes)?;
             mgr.tenants.write().expect("lock").insert(tenant_id, tenant);
         }
         for tenant in mgr.list_tenants() {
@@ -95,7 +96,21 @@ impl TenantManager {
 
     /// Loads the timelines in `tenant_dir` (`<workdir>/tenants/<tenant>`), ancestors first.
     /// Timelines that fail to load are logged and left out.
-    fn load_tenant(&self, tenant_id: TenantId, tenant_dir: &std::path::Path) -> anyhow::Result<Arc<Tenant>> {
+    /// With remote storage: the remote indexes of the tenant's local timelines (for
+    /// [`Timeline::load_with_remote_index`]); empty without.
+    async fn remote_indexes(&self, tenant_id: TenantId) -> HashMap<TimelineId, IndexPart> {
+        match &self.resources.remote_storage {
+            Some(storage) => download::local_timelines_remote_indexes(storage, &self.conf.workdir, tenant_id).await,
+            None => HashMap::new(),
+        }
+    }
+
+    fn load_tenant(
+        &self,
+        tenant_id: TenantId,
+        tenant_dir: &std::path::Path,
+        indexes: &HashMap<TimelineId, IndexPart>,
+    ) -> anyhow::Result<Arc<Tenant>> {
         let tenant = Arc::new(Tenant { id: tenant_id, timelines: RwLock::new(BTreeMap::new()) });
         let tl_dir = tenant_dir.join(TIMELINES_DIR_NAME);
         let mut pending: BTreeMap<TimelineId, (PathBuf, Option<TimelineId>)> = BTreeMap::new();
@@ -124,7 +139,7 @@ impl TenantManager {
             for id in ready {
                 let (path, anc) = pending.remove(&id).expect("listed");
                 let ancestor = anc.map(|a| tenant.timelines.read().expect("lock")[&a].clone());
-                match Timeline::load(&path, ancestor, self.resources.clone()) {
+                match Timeline::load_with_remote_index(&path, ancestor, self.resources.clone(), indexes.get(&id)) {
                     Ok(tl) => {
                         tenant.timelines.write().expect("lock").insert(id, tl);
                     }
@@ -159,8 +174,9 @@ impl TenantManager {
         download::restore_tenant(storage, &self.conf.workdir, tenant_id)
             .await
             .map_err(|e| TenantMgrError::Internal(format!("restoring tenant {tenant_id}: {e:#}")))?;
+        let indexes = self.remote_indexes(tenant_id).await;
         let tenant = self
-            .load_tenant(tenant_id, &self.tenants_dir().join(tenant_id.to_string()))
+            .load_tenant(tenant_id, &self.tenants_dir().join(tenant_id.to_string()), &indexes)
             .map_err(|e| TenantMgrError::Internal(format!("loading tenant {tenant_id}: {e:#}")))?;
         {
             let mut map = self.tenants.write().expect("lock");

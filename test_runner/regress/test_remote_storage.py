@@ -210,17 +210,24 @@ def test_upload_wipe_restore(remote, daemons, safekeeper_cluster, test_output_di
     ps.start()
     restored = ps.timeline(tenant, timeline)
     restore_s = time.monotonic() - t0
-    log.info("restart with an empty disk until the timeline is served: %.1fs (eager download of %.1f MB)", restore_s, total_bytes / 1e6)
+    log.info("restart with an empty disk until the timeline is served: %.1fs (%.1f MB in remote storage)", restore_s, total_bytes / 1e6)
     assert restored["disk_consistent_lsn"] == info["disk_consistent_lsn"]
     # (0/0 until the upload queue has read the remote index, a moment after start.)
     wait_until("the remote index to be read", lambda: ps.timeline(tenant, timeline)["remote_consistent_lsn"] == info["remote_consistent_lsn"])
     assert restored["initdb_lsn"] == info["initdb_lsn"]
-    assert {p.name: p.stat().st_size for p in local_dir.iterdir() if p.name != "metadata"} == local_layers
+    assert [p.name for p in local_dir.iterdir()] == ["metadata"], "layers are downloaded on demand, not at start"
 
-    # A fresh compute reads back exactly the same data, and can write on.
+    # A fresh compute reads back exactly the same data (downloading layers as it goes), and can
+    # write on.
+    t0 = time.monotonic()
     c2 = stack.compute("compute2")
+    assert c2.sql("select count(*) from t") == [(expected[0][2],)]
+    log.info("compute start and first query after the restore: %.1fs", time.monotonic() - t0)
     assert c2.sql(SUMS) == expected
     assert pg_dump(c2.connstr) == dump
+    downloaded = {p.name: p.stat().st_size for p in local_dir.iterdir() if p.name != "metadata"}
+    assert downloaded and all(local_layers.get(name) == size for name, size in downloaded.items()), (downloaded, local_layers)
+    log.info("downloaded on demand: %d of %d layers", len(downloaded), len(local_layers))
     c2.sql("insert into t values (20001, 'after restore')")
     c2.stop()
     c3 = stack.compute("compute3")

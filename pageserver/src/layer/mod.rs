@@ -143,10 +143,59 @@ impl LayerError {
     }
 }
 
-/// An opened layer file of either kind.
+/// An opened layer file of either kind, or one that is only in remote storage yet.
 pub enum PersistentLayer {
     Delta(DeltaLayer),
     Image(ImageLayer),
+    Remote(RemoteLayer),
+}
+
+/// Fetches a layer file that is in remote storage but not on local disk.
+pub trait LayerDownloader: Send + Sync {
+    /// Puts the verified, durable file at `desc.path` (blocking).
+    fn download(&self, desc: &PersistentLayerDesc) -> Result<(), String>;
+}
+
+/// A layer known from the remote index and not downloaded yet. The first read downloads it
+/// (concurrent readers wait for that one download) and opens it; later reads go to the file.
+pub struct RemoteLayer {
+    desc: PersistentLayerDesc,
+    downloader: Arc<dyn LayerDownloader>,
+    cache: Arc<BlockCache>,
+    opened: std::sync::Mutex<Option<Arc<PersistentLayer>>>,
+}
+
+impl RemoteLayer {
+    /// `desc` as the layer name and the index give it: `value_count` is unknown (0) until the
+    /// file is downloaded; `path` is where it will be.
+    pub fn new(desc: PersistentLayerDesc, downloader: Arc<dyn LayerDownloader>, cache: Arc<BlockCache>) -> RemoteLayer {
+        RemoteLayer { desc, downloader, cache, opened: std::sync::Mutex::new(None) }
+    }
+
+    /// The layer opened from local disk, downloading it first if needed.
+    pub fn get_or_download(&self) -> Result<Arc<PersistentLayer>, LayerError> {
+        // A panic while holding the lock leaves `None`: the next reader tries again.
+        let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(layer) = &*opened {
+            return Ok(Arc::clone(layer));
+        }
+        if !self.desc.path.exists() {
+            self.downloader
+                .download(&self.desc)
+                .map_err(|e| LayerError::io(&self.desc.path, "downloading from remote storage", io::Error::other(e)))?;
+        }
+        let layer = Arc::new(PersistentLayer::open(&self.desc.path, &self.cache)?);
+        if layer.desc().layer_name() != self.desc.layer_name() {
+            return Err(LayerError::corrupt(&self.desc.path, "its summary names another layer than its file name"));
+        }
+        *opened = Some(Arc::clone(&layer));
+        Ok(layer)
+    }
+
+    /// Whether the file has been downloaded and opened.
+    pub fn is_local(&self) -> bool {
+        self.opened.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
 }
 
 impl PersistentLayer {
@@ -163,6 +212,7 @@ impl PersistentLayer {
         match self {
             PersistentLayer::Delta(l) => l.desc(),
             PersistentLayer::Image(l) => l.desc(),
+            PersistentLayer::Remote(l) => &l.desc,
         }
     }
 
@@ -172,6 +222,7 @@ impl PersistentLayer {
         match self {
             PersistentLayer::Delta(l) => l.get_value_reconstruct_data(key, lsn_range),
             PersistentLayer::Image(l) => l.get_value_reconstruct_data(key, lsn_range),
+            PersistentLayer::Remote(l) => l.get_or_download()?.get_value_reconstruct_data(key, lsn_range),
         }
     }
 }

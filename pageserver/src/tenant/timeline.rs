@@ -31,7 +31,7 @@
 //! `min(lsn, ancestor_lsn)`, and so on up the chain; then the [`RedoApplier`] applies the
 //! records on the base image (skipped when the newest version is an image).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -48,13 +48,14 @@ use utils::{Lsn, TenantId, TimelineId};
 use crate::inmemory_layer::InMemoryLayer;
 use crate::key::Key;
 use crate::layer::{BlockCache, LayerError, LayerName, PersistentLayer, PersistentLayerDesc};
+use crate::layer::{LayerDownloader, LayerKind, RemoteLayer};
 use crate::layer_map::LayerMap;
 use crate::reconstruct::{collect_reconstruct_data, ReadError, ReconstructOutcome, ValueReconstructState};
 use crate::redo_applier::{RedoApplier, RedoError};
 use crate::tenant::metadata::{
     load_metadata, save_metadata, MetadataError, TimelineMetadata, METADATA_FILE_NAME, METADATA_TEMP_FILE_NAME,
 };
-use crate::tenant::remote::RemoteTimelineClient;
+use crate::tenant::remote::{IndexPart, RemoteTimelineClient};
 use crate::value::Value;
 
 /// `<workdir>/tenants`.
@@ -281,6 +282,18 @@ impl Timeline {
         ancestor: Option<Arc<Timeline>>,
         resources: TimelineResources,
     ) -> Result<Arc<Timeline>, TimelineError> {
+        Timeline::load_with_remote_index(dir, ancestor, resources, None)
+    }
+
+    /// [`Timeline::load`], and with remote storage and the timeline's remote index: every layer
+    /// the index names that is not on local disk (and lies at or below `disk_consistent_lsn`)
+    /// becomes a remote layer in the layer map, downloaded when a read first needs it.
+    pub fn load_with_remote_index(
+        dir: &Path,
+        ancestor: Option<Arc<Timeline>>,
+        resources: TimelineResources,
+        remote_index: Option<&IndexPart>,
+    ) -> Result<Arc<Timeline>, TimelineError> {
         let (tenant_id, timeline_id) = parse_timeline_dir(dir)?;
         let md = load_metadata(dir)?;
         match (md.ancestor_timeline, &ancestor) {
@@ -367,17 +380,49 @@ impl Timeline {
                         "timeline {timeline_id}: remote storage needs a tokio runtime to upload in"
                     ))
                 })?;
-                let client = RemoteTimelineClient::new(storage.clone(), tenant_id, timeline_id);
+                let client = RemoteTimelineClient::new(storage.clone(), tenant_id, timeline_id, runtime);
                 let mut local: Vec<(String, PathBuf)> = layers
                     .historic_layers()
                     .map(|l| (l.desc().layer_name().to_string(), l.desc().path.clone()))
                     .collect();
                 local.sort();
+                // Layers of the remote index that are not here (a restored or partly lost
+                // directory) join the layer map as remote layers, downloaded on first read.
+                if let Some(index) = remote_index {
+                    let local_names: HashSet<&String> = local.iter().map(|(name, _)| name).collect();
+                    for (name, meta) in &index.layers {
+                        let Ok(layer_name) = name.parse::<LayerName>() else { continue };
+                        if local_names.contains(name) || layer_name.lsn_range().end > layers_end {
+                            continue;
+                        }
+                        let desc = PersistentLayerDesc {
+                            tenant_id,
+                            timeline_id,
+                            kind: if matches!(layer_name, LayerName::Delta { .. }) {
+                                LayerKind::Delta
+                            } else {
+                                LayerKind::Image
+                            },
+                            key_range: layer_name.key_range(),
+                            lsn_range: layer_name.lsn_range(),
+                            value_count: 0,
+                            file_size_bytes: meta.file_size,
+                            path: dir.join(name),
+                        };
+                        client.add_remote_only_layer(name.clone(), meta.clone());
+                        let downloader: Arc<dyn LayerDownloader> = client.clone();
+                        layers.insert_historic(Arc::new(PersistentLayer::Remote(RemoteLayer::new(
+                            desc,
+                            downloader,
+                            Arc::clone(&resources.block_cache),
+                        ))));
+                    }
+                }
                 for (name, path) in local {
                     client.schedule_layer_upload(name, path);
                 }
                 client.schedule_index_upload(&md);
-                client.launch(&runtime);
+                client.launch();
                 Some(client)
             }
         };

@@ -1,18 +1,17 @@
 //! Reading remote storage: which tenants and timelines it holds, their indexes, and restoring a
 //! timeline's local directory from its index.
 //!
-//! Restore is eager in this increment: every layer the index names is downloaded (8 at a time),
-//! its size, crc32c and SHA-256 checked against the index, and fsync'd, into a temp directory
-//! that is renamed into place with the metadata file last, exactly like a new timeline
-//! directory. A crash midway leaves only a temp directory, removed on the next attempt. The
-//! index's layer list is what an on-demand layer map will hold instead (a "remote layer" per
-//! entry, downloaded on first read); the download and verification of one layer
-//! ([`download_layer`]) is already separate for that.
+//! Restore is on demand: restoring a timeline creates its directory with the metadata file from
+//! the index (a temp directory renamed into place, like a new timeline), and loading it with the
+//! index puts a remote layer in the layer map for every layer the index names; the first read
+//! that needs one downloads it ([`download_layer`]: size, crc32c and SHA-256 checked against the
+//! index, fsync'd, renamed into place). Layers already downloaded stay on local disk.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use remote_storage::{GenericRemoteStorage, ListingMode, RemotePath, RemoteStorage};
 use tokio::io::AsyncWriteExt;
 use tracing::info;
@@ -23,8 +22,6 @@ use super::{remote_index_path, remote_layer_path, remote_tenant_path, Checksumme
 use crate::tenant::metadata::save_metadata;
 use crate::tenant::timeline::{timeline_path, TENANTS_DIR_NAME, TIMELINES_DIR_NAME};
 
-/// Layers downloaded at once per timeline.
-const DOWNLOAD_CONCURRENCY: usize = 8;
 /// Suffix of a timeline directory being downloaded.
 const DOWNLOAD_TEMP_DIR_SUFFIX: &str = ".___download";
 
@@ -103,13 +100,11 @@ pub async fn download_layer(
     Ok(())
 }
 
-/// Creates the local directory of the timeline from `index`: every layer, then the metadata.
-/// Fails if the directory exists.
-pub async fn restore_timeline(
-    storage: &GenericRemoteStorage,
-    workdir: &Path,
-    index: &IndexPart,
-) -> anyhow::Result<PathBuf> {
+/// Creates the local directory of the timeline from `index`: the metadata file only. The layers
+/// join the layer map as remote layers when the timeline is loaded with the index
+/// ([`crate::tenant::timeline::Timeline::load_with_remote_index`]) and are downloaded on first
+/// read. Fails if the directory exists.
+pub async fn restore_timeline(workdir: &Path, index: &IndexPart) -> anyhow::Result<PathBuf> {
     let (tenant_id, timeline_id) = (index.tenant_id, index.timeline_id);
     let dir = timeline_path(workdir, tenant_id, timeline_id);
     anyhow::ensure!(!dir.exists(), "{} already exists", dir.display());
@@ -120,21 +115,6 @@ pub async fn restore_timeline(
         tokio::fs::remove_dir_all(&temp).await.with_context(|| format!("removing leftover {}", temp.display()))?;
     }
     tokio::fs::create_dir(&temp).await.with_context(|| format!("creating {}", temp.display()))?;
-    let started = std::time::Instant::now();
-    let total_bytes: u64 = index.layers.values().map(|m| m.file_size).sum();
-    // Owned values only: a stream of futures borrowing from here is not `Send` for axum.
-    let downloads: Vec<_> = index
-        .layers
-        .iter()
-        .map(|(name, meta)| (storage.clone(), name.clone(), meta.clone(), temp.join(name)))
-        .collect();
-    futures::stream::iter(downloads)
-        .map(|(storage, name, meta, dest)| async move {
-            download_layer(&storage, tenant_id, timeline_id, &name, &meta, &dest).await
-        })
-        .buffer_unordered(DOWNLOAD_CONCURRENCY)
-        .try_collect::<Vec<()>>()
-        .await?;
     let md = index.timeline_metadata();
     let (temp2, md2) = (temp.clone(), md.clone());
     tokio::task::spawn_blocking(move || save_metadata(&temp2, &md2)).await??;
@@ -143,12 +123,36 @@ pub async fn restore_timeline(
     info!(
         tenant = %tenant_id,
         timeline = %timeline_id,
-        "restored timeline from remote storage: {} layers, {total_bytes} bytes, disk_consistent_lsn {} in {:?}",
+        "restored timeline from remote storage: {} layers ({} bytes) to download on demand, disk_consistent_lsn {}",
         index.layers.len(),
-        md.disk_consistent_lsn,
-        started.elapsed()
+        index.layers.values().map(|m| m.file_size).sum::<u64>(),
+        md.disk_consistent_lsn
     );
     Ok(dir)
+}
+
+/// The remote indexes of the timelines that have a local directory under
+/// `<workdir>/tenants/<tenant_id>`, for loading them. A timeline whose index cannot be read is
+/// logged and left out (it loads from local disk alone).
+pub async fn local_timelines_remote_indexes(
+    storage: &GenericRemoteStorage,
+    workdir: &Path,
+    tenant_id: TenantId,
+) -> HashMap<TimelineId, IndexPart> {
+    let dir = workdir.join(TENANTS_DIR_NAME).join(tenant_id.to_string()).join(TIMELINES_DIR_NAME);
+    let mut out = HashMap::new();
+    let Ok(entries) = std::fs::read_dir(&dir) else { return out };
+    for entry in entries.flatten() {
+        let Ok(timeline_id) = entry.file_name().to_string_lossy().parse::<TimelineId>() else { continue };
+        match download_index(storage, tenant_id, timeline_id).await {
+            Ok(Some(index)) => {
+                out.insert(timeline_id, index);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!("timeline {tenant_id}/{timeline_id}: cannot read its remote index: {e:#}"),
+        }
+    }
+    out
 }
 
 /// Restores every timeline of `tenant_id` that has a remote index and no local directory.
@@ -167,7 +171,7 @@ pub async fn restore_tenant(
         }
         match download_index(storage, tenant_id, timeline_id).await? {
             Some(index) => {
-                restore_timeline(storage, workdir, &index).await?;
+                restore_timeline(workdir, &index).await?;
                 restored += 1;
             }
             None => tracing::warn!(

@@ -11,9 +11,11 @@
 //! - [`index`]: the `index_part.json` format.
 //! - [`upload`]: the per-timeline upload queue ([`RemoteTimelineClient`]): layers, then the
 //!   index, in order, retried until they succeed.
-//! - [`download`]: listing remote tenants and timelines, and restoring a timeline's local
-//!   directory from its index (today eagerly: every layer is downloaded before the timeline
-//!   loads).
+//! - [`download`]: listing remote tenants and timelines, restoring a timeline's local directory
+//!   from its index (the metadata only), and downloading one layer, checked against the index.
+//!   Layers the index names and local disk lacks are `PersistentLayer::Remote` entries in the
+//!   layer map, downloaded by the first read that needs them (the client is their
+//!   [`crate::layer::LayerDownloader`]).
 
 pub mod download;
 pub mod index;

@@ -11,7 +11,7 @@ use remote_storage::{GenericRemoteStorage, LocalFs};
 use utils::{Lsn, TimelineId};
 
 use super::download::{download_index, list_remote_tenants, restore_tenant};
-use super::{checksum_file, remote_layer_path};
+use super::{checksum_file, remote_layer_path, IndexPart};
 use crate::tenant::timeline::tests::{resources, TENANT, TIMELINE};
 use crate::tenant::timeline::{timeline_path, Timeline};
 use crate::test_utils::key;
@@ -70,7 +70,8 @@ async fn upload_then_restore_on_an_empty_disk() {
     child.checkpoint().expect("checkpoint child");
     child.remote_client().expect("remote").wait_uploaded(Duration::from_secs(30)).await.expect("uploaded");
 
-    // An empty disk: both timelines come back from remote storage and read the same.
+    // An empty disk: both timelines come back from remote storage (metadata only; layers on
+    // demand) and read the same.
     let lsns: Vec<Lsn> = [0x100, 0x100 + 16 * 100, branch_lsn.0, last.0, child_last.0].map(Lsn).to_vec();
     let (want_parent, want_child) = (reads(&tl, &lsns), reads(&child, &lsns));
     assert!(want_parent.iter().filter(|v| v.is_some()).count() > 100);
@@ -79,29 +80,70 @@ async fn upload_then_restore_on_an_empty_disk() {
     assert_eq!(restore_tenant(&storage, restored_dir.path(), TENANT).await.expect("restore"), 2);
     // Restoring again restores nothing: both directories exist.
     assert_eq!(restore_tenant(&storage, restored_dir.path(), TENANT).await.expect("restore"), 0);
-    let parent2 = Timeline::load(&timeline_path(restored_dir.path(), TENANT, TIMELINE), None, res.clone())
-        .expect("load restored parent");
-    let child2 = Timeline::load(&timeline_path(restored_dir.path(), TENANT, child_id), Some(Arc::clone(&parent2)), res)
-        .expect("load restored child");
+    let load = |dir: &std::path::Path, tl_id: TimelineId, ancestor: Option<Arc<Timeline>>, index: &IndexPart| {
+        Timeline::load_with_remote_index(&timeline_path(dir, TENANT, tl_id), ancestor, res.clone(), Some(index))
+            .expect("load restored timeline")
+    };
+    let child_index = download_index(&storage, TENANT, child_id).await.expect("get").expect("child index");
+    let parent2 = load(restored_dir.path(), TIMELINE, None, &index);
+    let child2 = load(restored_dir.path(), child_id, Some(Arc::clone(&parent2)), &child_index);
     assert_eq!(parent2.get_disk_consistent_lsn(), last);
     assert_eq!(child2.get_disk_consistent_lsn(), child_last);
+    assert_eq!(parent2.historic_layers().len(), index.layers.len(), "every layer is in the map, remote");
+    assert_eq!(local_layer_files(parent2.dir()), 0, "nothing is downloaded before a read needs it");
+    let parent2_remote = parent2.remote_client().expect("remote").clone();
+    // Concurrent readers of the same layers share one download per layer.
+    let readers: Vec<_> = (0..8)
+        .map(|_| {
+            let tl = Arc::clone(&parent2);
+            tokio::task::spawn_blocking(move || tl.get(key(3), last).ok())
+        })
+        .collect();
+    let want = tl.get(key(3), last).ok();
+    for r in readers {
+        assert_eq!(r.await.expect("reader"), want);
+    }
+    let status = parent2_remote.status();
+    assert!(status.downloaded_layers >= 1);
+    assert_eq!(status.downloaded_layers as usize, local_layer_files(parent2.dir()), "each layer downloaded once");
     assert_eq!(reads(&parent2, &lsns), want_parent);
     assert_eq!(reads(&child2, &lsns), want_child);
     // Loading the restored timelines uploads nothing new: the remote index already has it all.
-    let status = parent2.remote_client().expect("remote").wait_uploaded(Duration::from_secs(30)).await.expect("idle");
+    let status = parent2_remote.wait_uploaded(Duration::from_secs(30)).await.expect("idle");
     assert_eq!((status.uploaded_layers, status.remote_consistent_lsn), (0, last));
+    let after = download_index(&storage, TENANT, TIMELINE).await.expect("get").expect("index");
+    assert_eq!(after.layers, index.layers, "the new index still names the layers not downloaded");
 
-    // A corrupt remote layer is refused at restore, naming the layer.
+    // A corrupt remote layer is refused when it is downloaded, naming the layer; nothing of it
+    // is left on local disk.
     let (name, _) = index.layers.iter().next().expect("a layer");
     let path = remote_dir.path().join(remote_layer_path(TENANT, TIMELINE, name).expect("path").as_str());
     let mut bytes = std::fs::read(&path).expect("read");
     bytes[100] ^= 0x40;
     std::fs::write(&path, bytes).expect("write");
     let third = tempfile::tempdir().expect("tempdir");
-    let err = restore_tenant(&storage, third.path(), TENANT).await.expect_err("corrupt layer");
-    let msg = format!("{err:#}");
+    restore_tenant(&storage, third.path(), TENANT).await.expect("restore");
+    let parent3 = load(third.path(), TIMELINE, None, &index);
+    let results = tokio::task::spawn_blocking(move || {
+        let results: Vec<_> = lsns.iter().flat_map(|lsn| (0..KEYS).map(|k| parent3.get(key(k), *lsn))).collect();
+        (results, parent3)
+    });
+    let (results, parent3) = results.await.expect("reads");
+    let msg = results.iter().find_map(|r| r.as_ref().err()).expect("a read needs the corrupt layer").to_string();
     assert!(msg.contains("does not match the index") && msg.contains(name.as_str()), "{msg}");
-    assert!(!timeline_path(third.path(), TENANT, TIMELINE).exists(), "nothing half-restored is left in place");
+    assert!(!parent3.dir().join(name).exists());
+    assert!(std::fs::read_dir(parent3.dir()).expect("ls").all(|e| !e
+        .expect("entry")
+        .file_name()
+        .to_string_lossy()
+        .ends_with(".tmp")));
+}
+
+fn local_layer_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .expect("ls")
+        .filter(|e| e.as_ref().expect("entry").file_name().to_string_lossy().parse::<crate::layer::LayerName>().is_ok())
+        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

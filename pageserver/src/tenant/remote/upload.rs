@@ -28,9 +28,10 @@ use tokio::sync::{watch, Notify};
 use tracing::{debug, error, info, warn};
 use utils::{Lsn, TenantId, TimelineId};
 
+use super::download::download_layer;
 use super::index::{IndexPart, IndexPartError, LayerFileMetadata};
 use super::{checksum_file, remote_index_path, remote_layer_path};
-use crate::layer::LayerName;
+use crate::layer::{LayerDownloader, LayerName, PersistentLayerDesc};
 use crate::tenant::metadata::TimelineMetadata;
 
 /// Longest wait between two attempts of a failing operation.
@@ -51,6 +52,9 @@ pub struct UploadStatus {
     pub uploaded_bytes: u64,
     /// False until the task has read the remote index at start.
     pub initialized: bool,
+    /// Layer files downloaded on demand by this process, and their bytes.
+    pub downloaded_layers: u64,
+    pub downloaded_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -89,11 +93,21 @@ pub struct RemoteTimelineClient {
     queue: Mutex<Queue>,
     wake: Notify,
     status: watch::Sender<UploadStatus>,
+    runtime: tokio::runtime::Handle,
+    /// Layers of the remote index that were not on local disk at load: what
+    /// [`LayerDownloader::download`] may fetch, with the size and checksums to check.
+    remote_only_layers: Mutex<HashMap<String, LayerFileMetadata>>,
 }
 
 impl RemoteTimelineClient {
-    /// A client with an empty queue; nothing runs until [`Self::launch`].
-    pub fn new(storage: GenericRemoteStorage, tenant_id: TenantId, timeline_id: TimelineId) -> Arc<Self> {
+    /// A client with an empty queue, uploading and downloading on `runtime`; the upload task
+    /// runs once [`Self::launch`]ed.
+    pub fn new(
+        storage: GenericRemoteStorage,
+        tenant_id: TenantId,
+        timeline_id: TimelineId,
+        runtime: tokio::runtime::Handle,
+    ) -> Arc<Self> {
         Arc::new(RemoteTimelineClient {
             tenant_id,
             timeline_id,
@@ -101,12 +115,21 @@ impl RemoteTimelineClient {
             queue: Mutex::new(Queue { latest_layers: BTreeSet::new(), ops: VecDeque::new(), uploaded: HashMap::new() }),
             wake: Notify::new(),
             status: watch::Sender::new(UploadStatus::default()),
+            runtime,
+            remote_only_layers: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Starts the upload task on `runtime`. It runs for the life of the process.
-    pub fn launch(self: &Arc<Self>, runtime: &tokio::runtime::Handle) {
-        runtime.spawn(Arc::clone(self).run());
+    /// Starts the upload task. It runs for the life of the process.
+    pub fn launch(self: &Arc<Self>) {
+        self.runtime.spawn(Arc::clone(self).run());
+    }
+
+    /// Records a layer that the remote index names and local disk lacks: later indexes name it
+    /// too, and [`LayerDownloader::download`] fetches it on first read.
+    pub fn add_remote_only_layer(&self, name: String, meta: LayerFileMetadata) {
+        self.lock().latest_layers.insert(name.clone());
+        self.remote_only_layers.lock().unwrap_or_else(|p| p.into_inner()).insert(name, meta);
     }
 
     pub fn storage(&self) -> &GenericRemoteStorage {
@@ -319,5 +342,43 @@ impl RemoteTimelineClient {
                 Ok(())
             }
         }
+    }
+}
+
+impl LayerDownloader for RemoteTimelineClient {
+    /// Downloads to a temp file in the timeline directory, checks size and checksums against the
+    /// index, fsyncs, renames into place and fsyncs the directory. Blocks the calling thread (a
+    /// reader's blocking thread, or a runtime worker through `block_in_place`).
+    fn download(&self, desc: &PersistentLayerDesc) -> Result<(), String> {
+        let name = desc.layer_name().to_string();
+        let meta = self.remote_only_layers.lock().unwrap_or_else(|p| p.into_inner()).get(&name).cloned();
+        let meta =
+            meta.ok_or_else(|| format!("layer {name} is not in the remote index this timeline was loaded from"))?;
+        if matches!(tokio::runtime::Handle::try_current(), Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
+        {
+            return Err(format!("layer {name} cannot be downloaded from a current-thread tokio runtime"));
+        }
+        let dir = desc.path.parent().ok_or_else(|| format!("layer path {} has no parent", desc.path.display()))?;
+        let temp = dir.join(format!("{name}.download.layer.tmp"));
+        let started = std::time::Instant::now();
+        let download = download_layer(&self.storage, self.tenant_id, self.timeline_id, &name, &meta, &temp);
+        tokio::task::block_in_place(|| self.runtime.block_on(download)).map_err(|e| {
+            let _ = std::fs::remove_file(&temp);
+            format!("{e:#}")
+        })?;
+        std::fs::rename(&temp, &desc.path).map_err(|e| format!("renaming {} into place: {e}", temp.display()))?;
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| format!("fsyncing {}: {e}", dir.display()))?;
+        self.status.send_modify(|s| {
+            s.downloaded_layers += 1;
+            s.downloaded_bytes += meta.file_size;
+        });
+        info!(
+            tenant = %self.tenant_id,
+            timeline = %self.timeline_id,
+            "downloaded layer {name} on demand: {} bytes in {:?}",
+            meta.file_size,
+            started.elapsed()
+        );
+        Ok(())
     }
 }
