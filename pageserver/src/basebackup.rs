@@ -177,7 +177,8 @@ const TAR_BLOCK_SIZE_BYTES: usize = 512;
 /// `lsn` must be a record boundary the timeline has reached (waiting for it, `wait_lsn`, is the
 /// caller's job), at or above the initdb LSN and the GC cutoff. `prev_lsn` is the start LSN of
 /// the record that ends at `lsn` (the new checkpoint record's `xl_prev`); `None` takes the
-/// timeline's when `lsn` is its last record LSN, and is an error below it.
+/// timeline's when `lsn` is its last record LSN (0/0 when the timeline does not know it: a branch
+/// made at an LSN that ends no commit, before its own WAL), and is an error below it.
 ///
 /// On error, part of the stream may have been written; the receiver must discard it (a
 /// stream without `global/pg_control`, which comes last, cannot start Postgres).
@@ -417,13 +418,11 @@ fn check_request(ctx: &Ctx, timeline: &Timeline, lsn: Lsn, prev_lsn: Option<Lsn>
     }
     let prev = match prev_lsn {
         Some(prev) => prev,
-        None if lsn == record.last => record.prev.ok_or_else(|| {
-            ctx.invalid(
-                "the start of the record ending there (the new checkpoint's xl_prev) is not known to the timeline; \
-                 pass prev_lsn"
-                    .to_string(),
-            )
-        })?,
+        // Unknown at the last record only on a branch made at an LSN that ends no commit and
+        // before any WAL of its own: its first compute's checkpoint gets xl_prev 0/0. Nothing
+        // checks it: Postgres reads a checkpoint record without the prev-link check, and the
+        // timeline's ingest checks xl_prev only against a previous record it knows.
+        None if lsn == record.last => record.prev.unwrap_or(Lsn::INVALID),
         None => {
             return Err(ctx.invalid(format!(
                 "it is below the last record LSN {}, and the timeline only knows the start of the record ending at \

@@ -143,11 +143,6 @@ def test_endpoints_at_an_lsn_timeline_list_showed(started_env):
     assert sql(ro, "select count(*) from pg_class where relname = 't'") == [(0,)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pageserver: a branch at an LSN that is not a commit end is created, but no primary can start on it "
-    "(basebackup: xl_prev unknown, 'pass prev_lsn')",
-)
 def test_branch_at_an_lsn_timeline_list_showed(started_env):
     """A branch at the LSN `timeline list` showed for a fresh branch, taken after newer WAL
     arrived, takes a primary."""
