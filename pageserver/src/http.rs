@@ -4,6 +4,8 @@
 //! - `GET|POST /v1/tenant`, `GET /v1/tenant/{tenant_id}`
 //! - `GET|POST /v1/tenant/{tenant_id}/timeline`, `GET /v1/tenant/{tenant_id}/timeline/{timeline_id}`
 //! - `POST /v1/tenant/{tenant_id}/attach` (download a tenant from remote storage and load it)
+//! - `DELETE /v1/tenant/{tenant_id}/timeline/{timeline_id}/layer/{layer_file_name}` (evict the
+//!   layer's local file; it must be in remote storage; reads download it again)
 //! - `PUT /v1/tenant/{tenant_id}/timeline/{timeline_id}/checkpoint[?wait_until_uploaded=true]`
 //!   (flush the open layer; optionally wait until remote storage has it)
 //! - `GET /v1/tenant/{tenant_id}/timeline/{timeline_id}/get_lsn_by_timestamp?timestamp=<RFC 3339>`
@@ -16,7 +18,7 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use pageserver_api::models::{LsnByTimestamp, TenantCreateRequest, TenantInfo, TimelineCreateRequest, TimelineInfo};
 use postgres_ffi::TimestampTz;
@@ -87,6 +89,7 @@ pub fn router(mgr: Arc<TenantManager>) -> Router {
         .route("/v1/tenant/{tenant_id}/timeline", get(list_timelines).post(create_timeline))
         .route("/v1/tenant/{tenant_id}/timeline/{timeline_id}", get(get_timeline))
         .route("/v1/tenant/{tenant_id}/timeline/{timeline_id}/checkpoint", put(checkpoint))
+        .route("/v1/tenant/{tenant_id}/timeline/{timeline_id}/layer/{layer_name}", delete(evict_layer))
         .route("/v1/tenant/{tenant_id}/timeline/{timeline_id}/get_lsn_by_timestamp", get(get_lsn_by_timestamp))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
         .with_state(mgr)
@@ -189,6 +192,22 @@ async fn checkpoint(
         }
     }
     Ok(Json(timeline_info(&tl)))
+}
+
+/// Evicts a layer's local file (it must be in remote storage); reads download it again.
+async fn evict_layer(
+    State(m): State<Arc<TenantManager>>,
+    Path((t, tl, layer)): Path<(String, String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    let tl = m.get_timeline(tenant_id(&t)?, timeline_id(&tl)?)?;
+    let evicted = tokio::task::spawn_blocking(move || tl.evict_layer(&layer))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| match e {
+            crate::tenant::timeline::TimelineError::Invalid(msg) => bad(msg),
+            other => ApiError(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+        })?;
+    Ok(Json(serde_json::json!({ "evicted": evicted })))
 }
 
 async fn attach_tenant(

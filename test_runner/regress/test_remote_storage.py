@@ -230,8 +230,20 @@ def test_upload_wipe_restore(remote, daemons, safekeeper_cluster, test_output_di
     log.info("downloaded on demand: %d of %d layers", len(downloaded), len(local_layers))
     c2.sql("insert into t values (20001, 'after restore')")
     c2.stop()
+
+    # Evicting every layer's local file: reads bring them back.
+    base = f"{ps.http}/v1/tenant/{tenant}/timeline/{timeline}/layer"
+    for name in downloaded:
+        r = requests.delete(f"{base}/{name}", timeout=60)
+        assert r.ok and r.json() == {"evicted": True}, r.text
+    assert [p.name for p in local_dir.iterdir() if p.name in local_layers] == []
+    r = requests.delete(f"{base}/{next(iter(downloaded))}", timeout=60)
+    assert r.ok and r.json() == {"evicted": False}, r.text
+    assert requests.delete(f"{base}/no-such-layer", timeout=60).status_code == 400
     c3 = stack.compute("compute3")
     assert c3.sql("select v from t where id = 20001") == [("after restore",)]
+    assert c3.sql(SUMS)[0][:2] == expected[0][:2]
+    assert [p.name for p in local_dir.iterdir() if p.name in local_layers], "read back on demand"
     c3.stop()
 
 

@@ -522,6 +522,61 @@ impl Timeline {
         self.remote.as_ref().map(|r| r.remote_consistent_lsn())
     }
 
+    /// Evicts the local file of layer `name` (a layer file name): the layer stays in the layer
+    /// map as a remote layer and the next read that needs it downloads it again. Only a layer
+    /// whose local file equals the uploaded one (size and checksums) can be evicted. Returns
+    /// whether a file was evicted (`false`: it was not on local disk). Blocking (it checksums
+    /// the file).
+    pub fn evict_layer(&self, name: &str) -> Result<bool, TimelineError> {
+        let remote = self.remote.as_ref().ok_or_else(|| {
+            TimelineError::Invalid(format!(
+                "timeline {}: no remote storage is configured, so no layer can be evicted",
+                self.timeline_id
+            ))
+        })?;
+        let layer_name: LayerName =
+            name.parse().map_err(|_| TimelineError::Invalid(format!("{name:?} is not a layer file name")))?;
+        let layer = self
+            .layers_read()
+            .historic_layers()
+            .find(|l| l.desc().layer_name() == layer_name)
+            .cloned()
+            .ok_or_else(|| TimelineError::Invalid(format!("timeline {} has no layer {name}", self.timeline_id)))?;
+        let desc = layer.desc().clone();
+        if !desc.path.exists() {
+            return Ok(false);
+        }
+        let uploaded = remote.uploaded_layer(name).ok_or_else(|| {
+            TimelineError::Invalid(format!("layer {name} is not in remote storage yet; evict it once it is uploaded"))
+        })?;
+        let local = crate::tenant::remote::checksum_file(&desc.path)
+            .map_err(|e| TimelineError::io(&desc.path, "checksumming before eviction", e))?;
+        if local != uploaded {
+            return Err(TimelineError::Invalid(format!(
+                "layer {name}: the local file differs from the uploaded one ({} vs {} bytes, sha256 {} vs {}); not \
+                 evicting it",
+                local.file_size, uploaded.file_size, local.sha256, uploaded.sha256
+            )));
+        }
+        remote.add_remote_only_layer(name.to_string(), uploaded);
+        let downloader: Arc<dyn LayerDownloader> = remote.clone();
+        let replacement = Arc::new(PersistentLayer::Remote(RemoteLayer::new(
+            desc.clone(),
+            downloader,
+            Arc::clone(&self.resources.block_cache),
+        )));
+        {
+            let mut layers = self.layers_write();
+            layers.remove_historic(&layer_name);
+            layers.insert_historic(replacement);
+        }
+        // Readers that still hold the old layer keep reading through its open file.
+        fs::remove_file(&desc.path).map_err(|e| TimelineError::io(&desc.path, "removing an evicted layer", e))?;
+        fsync_dir(&self.dir)?;
+        info!(timeline = %self.timeline_id, "evicted layer {name} ({} bytes) from local disk", desc.file_size_bytes);
+        Ok(true)
+    }
+
     /// Branches created from this timeline since it was loaded: (child, branch point).
     pub fn child_branch_points(&self) -> Vec<(TimelineId, Lsn)> {
         lock(&self.children).clone()

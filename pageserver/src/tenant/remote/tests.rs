@@ -201,3 +201,41 @@ async fn a_corrupt_remote_index_is_replaced_by_the_local_state() {
     let index = download_index(&storage, TENANT, TIMELINE).await.expect("valid again").expect("an index");
     assert_eq!(index.layers.len(), tl.historic_layers().len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evicted_layers_are_downloaded_again_on_read() {
+    let remote_dir = tempfile::tempdir().expect("tempdir");
+    let storage = GenericRemoteStorage::LocalFs(LocalFs::new(remote_dir.path().to_path_buf()).expect("localfs"));
+    let workdir = tempfile::tempdir().expect("tempdir");
+    let res = resources(4096).with_remote_storage(Some(storage.clone()));
+    let tl = Timeline::create_empty(workdir.path(), TENANT, TIMELINE, Lsn(0x100), 15, res).expect("create");
+    let last = write(&tl, 0x100, 400);
+    tl.checkpoint().expect("checkpoint");
+    let remote = tl.remote_client().expect("remote").clone();
+    let lsns = [Lsn(0x100 + 16 * 50), Lsn(0x100 + 16 * 250), last];
+    let want = reads(&tl, &lsns);
+    // Not uploaded yet (or unknown name): refused with the reason.
+    let err = tl.evict_layer("not-a-layer").expect_err("bad name");
+    assert!(err.to_string().contains("not a layer file name"), "{err}");
+    remote.wait_uploaded(Duration::from_secs(30)).await.expect("uploaded");
+    let names: Vec<String> = tl.historic_layers().iter().map(|d| d.layer_name().to_string()).collect();
+    let tl2 = Arc::clone(&tl);
+    let names2 = names.clone();
+    let evicted = tokio::task::spawn_blocking(move || {
+        names2.iter().map(|n| tl2.evict_layer(n).expect("evict")).filter(|e| *e).count()
+    })
+    .await
+    .expect("evict");
+    assert_eq!(evicted, names.len());
+    assert_eq!(local_layer_files(tl.dir()), 0);
+    assert!(!tl.evict_layer(&names[0]).expect("again"), "an evicted layer is not evicted twice");
+    let tl2 = Arc::clone(&tl);
+    let got = tokio::task::spawn_blocking(move || reads(&tl2, &lsns)).await.expect("reads");
+    assert_eq!(got, want);
+    assert_eq!(remote.status().downloaded_layers as usize, local_layer_files(tl.dir()));
+    assert!(local_layer_files(tl.dir()) > 0);
+    // The index still names every layer, downloaded or not.
+    remote.wait_uploaded(Duration::from_secs(30)).await.expect("idle");
+    let index = download_index(&storage, TENANT, TIMELINE).await.expect("get").expect("index");
+    assert_eq!(index.layers.len(), names.len());
+}

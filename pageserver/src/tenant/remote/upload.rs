@@ -125,6 +125,12 @@ impl RemoteTimelineClient {
         self.runtime.spawn(Arc::clone(self).run());
     }
 
+    /// Size and checksums of layer `name` as it is in remote storage, if it is there (known from
+    /// the remote index read at start or uploaded since).
+    pub fn uploaded_layer(&self, name: &str) -> Option<LayerFileMetadata> {
+        self.lock().uploaded.get(name).cloned()
+    }
+
     /// Records a layer that the remote index names and local disk lacks: later indexes name it
     /// too, and [`LayerDownloader::download`] fetches it on first read.
     pub fn add_remote_only_layer(&self, name: String, meta: LayerFileMetadata) {
