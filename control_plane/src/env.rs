@@ -1054,8 +1054,9 @@ impl Env {
                 .collect();
             let n = self.conf.safekeepers.len();
             if n - down.len() < needed {
+                let what = if needed == 1 { "one".to_string() } else { "a majority".to_string() };
                 bail!(
-                    "endpoint '{name}' needs {needed} of the {n} safekeepers, but safekeepers {} are not answering; start them with 'neon_local safekeeper start ID'",
+                    "endpoint '{name}' needs {what} of the {n} safekeepers, but safekeepers {} are not answering; start them with 'neon_local safekeeper start ID'",
                     down.join(", ")
                 );
             }
