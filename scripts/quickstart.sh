@@ -11,7 +11,7 @@ postgres/build.sh >/dev/null
 cargo build --workspace --bins >&2
 export NEON_REPO_DIR=${NEON_REPO_DIR:-$repo/.neon}
 export PG_INSTALL_DIR
-N="$repo/target/debug/neon_local"
+N="${CARGO_TARGET_DIR:-$repo/target}/debug/neon_local"
 if [ ! -f "$NEON_REPO_DIR/config.json" ]; then
   "$N" init >&2
 fi
