@@ -161,10 +161,6 @@ def test_branch_at_an_lsn_timeline_list_showed(started_env):
     assert sql(main, "select a from t") == [(1,)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pageserver: POST timeline accepts ancestor_start_lsn below the ancestor's own branch point",
-)
 def test_pageserver_refuses_a_branch_below_its_ancestors_start(started_env):
     """neon_local refuses this itself; the pageserver's API should too (a timeline has no
     history of its own below its branch point)."""

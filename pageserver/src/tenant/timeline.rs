@@ -789,8 +789,9 @@ impl Timeline {
     /// `wait_timeout` for WAL up to `ancestor_lsn` to be ingested.
     ///
     /// `ancestor_lsn` is taken as given: rounding it to a record boundary (so a compute can start
-    /// there) is the caller's concern. Rejected below the initdb LSN (no data there) and below
-    /// the GC cutoff (history gone).
+    /// there) is the caller's concern. Rejected below the initdb LSN (no data there), below this
+    /// timeline's own branch point (that history is its ancestor's) and below the GC cutoff
+    /// (history gone).
     pub async fn branch(
         self: &Arc<Self>,
         new_timeline_id: TimelineId,
@@ -808,6 +809,15 @@ impl Timeline {
                 "it is below the initdb LSN {}, where the timeline's data begins; branch at or above it",
                 md.initdb_lsn
             )));
+        }
+        if let Some(ancestor) = md.ancestor_timeline {
+            if ancestor_lsn < md.ancestor_lsn {
+                return Err(invalid(format!(
+                    "it is below this timeline's own branch point {}: history before it belongs to its ancestor \
+                     {ancestor}; branch from that timeline instead",
+                    md.ancestor_lsn
+                )));
+            }
         }
         if ancestor_lsn < md.latest_gc_cutoff_lsn {
             return Err(invalid(format!(
@@ -828,7 +838,7 @@ impl Timeline {
         let child_md = TimelineMetadata {
             disk_consistent_lsn: ancestor_lsn,
             // Known at the last record and at the end of a commit (where a branch at a point in
-            // time is made); elsewhere the branch cannot start a compute without it.
+            // time is made); elsewhere its first compute's checkpoint gets xl_prev 0/0.
             prev_record_lsn: self.get_prev_record_lsn_at(ancestor_lsn),
             ancestor_timeline: Some(self.timeline_id),
             ancestor_lsn,
