@@ -267,6 +267,25 @@ ps_exchange(StringInfo req, char **resp, int *resp_len, TimestampTz deadline)
 	return st;
 }
 
+static void
+put_reltag(StringInfo b, RelFileNode rnode, ForkNumber forknum)
+{
+	pq_sendint32(b, rnode.spcNode);
+	pq_sendint32(b, rnode.dbNode);
+	pq_sendint32(b, rnode.relNode);
+	pq_sendbyte(b, (uint8) forknum);
+}
+
+/* Starts a pagestream request: tag, request id, LSN; the body follows. */
+static void
+ps_request_begin(StringInfo req, uint8 tag, uint64 request_id, XLogRecPtr lsn)
+{
+	initStringInfo(req);
+	pq_sendbyte(req, tag);
+	pq_sendint64(req, request_id);
+	pq_sendint64(req, lsn);
+}
+
 /*
  * Prefetch: GetPage requests sent ahead of need, their answers received in
  * request order (the pageserver answers a connection's requests in order).
@@ -408,14 +427,8 @@ ps_prefetch_page(RelFileNode rnode, ForkNumber forknum, BlockNumber blkno)
 	e->valid = true;
 	e->ok = false;
 
-	initStringInfo(&req);
-	pq_sendbyte(&req, PS_TAG_GETPAGE);
-	pq_sendint64(&req, e->request_id);
-	pq_sendint64(&req, neon_start_lsn());
-	pq_sendint32(&req, rnode.spcNode);
-	pq_sendint32(&req, rnode.dbNode);
-	pq_sendint32(&req, rnode.relNode);
-	pq_sendbyte(&req, (uint8) forknum);
+	ps_request_begin(&req, PS_TAG_GETPAGE, e->request_id, neon_start_lsn());
+	put_reltag(&req, rnode, forknum);
 	pq_sendint32(&req, blkno);
 	if (ps_send(&req, deadline) != PS_OK)
 	{
@@ -473,10 +486,7 @@ ps_call(uint8 tag, XLogRecPtr lsn, StringInfo body, uint8 resp_tag, char *out, i
 	int			resp_len = 0;
 	uint64		resp_id;
 
-	initStringInfo(&req);
-	pq_sendbyte(&req, tag);
-	pq_sendint64(&req, request_id);
-	pq_sendint64(&req, lsn);
+	ps_request_begin(&req, tag, request_id, lsn);
 	appendBinaryStringInfo(&req, body->data, body->len);
 	pfree(body->data);
 
@@ -570,14 +580,6 @@ ps_call(uint8 tag, XLogRecPtr lsn, StringInfo body, uint8 resp_tag, char *out, i
 	pfree(resp);
 }
 
-static void
-put_reltag(StringInfo b, RelFileNode rnode, ForkNumber forknum)
-{
-	pq_sendint32(b, rnode.spcNode);
-	pq_sendint32(b, rnode.dbNode);
-	pq_sendint32(b, rnode.relNode);
-	pq_sendbyte(b, (uint8) forknum);
-}
 
 bool
 ps_rel_exists(RelFileNode rnode, ForkNumber forknum)

@@ -8,19 +8,8 @@ import time
 import psycopg
 import pytest
 
+from fixtures.daemons import wait_until
 from fixtures.neon_local import neon_env, one, sql, started_env  # noqa: F401
-
-
-def wait_for(what, cond, timeout_s: float = 30):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if cond():
-                return
-        except psycopg.OperationalError:
-            pass
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_hot_standby_follows_the_primary(started_env):
@@ -36,7 +25,7 @@ def test_hot_standby_follows_the_primary(started_env):
 
     sql(main, "insert into t select g, 'b' from generate_series(5001, 6000) g")
     t0 = time.monotonic()
-    wait_for("the replica to see the new rows", lambda: one(replica, "select count(*) from t") == 6000)
+    wait_until("the replica to see the new rows", lambda: one(replica, "select count(*) from t") == 6000, interval_s=0.05)
     print(f"replica saw 1000 new rows {time.monotonic() - t0:.3f} s after the commit")
 
     # A second replica is fine; a second primary is not.
@@ -48,5 +37,5 @@ def test_hot_standby_follows_the_primary(started_env):
     nl.run("endpoint", "stop", "main")
     main = nl.start_endpoint("main")
     sql(main, "update t set v = 'c' where id <= 100")
-    wait_for("the update on the replica", lambda: one(replica, "select count(*) from t where v = 'c'") == 100)
+    wait_until("the update on the replica", lambda: one(replica, "select count(*) from t where v = 'c'") == 100, interval_s=0.05)
     assert sql(replica, "select count(*), sum(id) from t") == sql(main, "select count(*), sum(id) from t")
