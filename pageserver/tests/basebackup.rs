@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use common::{free_port, Cluster};
 use pageserver::basebackup::{write_basebackup, BackupKind, BasebackupError};
-use pageserver::import_datadir::{import_datadir, read_control_file, run_initdb, PgOsUser};
+use pageserver::import_datadir::{import_datadir, read_control_file, PgOsUser};
 use pageserver::key::Key;
 use pageserver::tenant::timeline::{TenantConf, Timeline, TimelineResources};
 use postgres_ffi::controlfile::ControlFileData;
@@ -130,13 +130,7 @@ fn extract(tar_path: &Path, datadir: &Path, os_user: Option<&PgOsUser>) {
 fn basebackup_full_and_compute_with_postgres() {
     let started = std::time::Instant::now();
     let install = common::pg_install_dir();
-    let os_user = PgOsUser::resolve().expect("resolve the OS user for Postgres");
-    let dir = tempfile::Builder::new().prefix("basebackup-pg-").tempdir_in("/tmp").expect("tempdir");
-    if let Some(u) = &os_user {
-        u.chown(dir.path()).expect("chown");
-    }
-    let datadir = dir.path().join("data");
-    run_initdb(&install, "cloud_admin", &datadir, os_user.as_ref()).expect("initdb");
+    let (dir, datadir, os_user) = common::initdb_in_tempdir(&install, "basebackup-pg-");
 
     // The timeline, with the real Postgres redo behind its read path.
     let real_redo = common::RealRedo::start(&install);

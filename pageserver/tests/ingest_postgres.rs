@@ -26,9 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use pageserver::import_datadir::{
-    bootstrap_timeline, import_datadir, postgres_command, read_control_file, run_initdb, PgOsUser,
-};
+use pageserver::import_datadir::{bootstrap_timeline, import_datadir, postgres_command, read_control_file, PgOsUser};
 use pageserver::key::Key;
 use pageserver::pgdatadir_mapping::DatadirModification;
 use pageserver::redo_applier::RustRedoApplier;
@@ -50,7 +48,7 @@ use utils::{Lsn, TenantId, TimelineId};
 // Its own `Cluster` differs in shape from `common::Cluster`; the rest is shared.
 #[allow(dead_code)]
 mod common;
-use common::{free_port, output, pg_install_dir};
+use common::{free_port, initdb_in_tempdir, output, pg_install_dir};
 
 const TENANT: TenantId = TenantId([0x7E; 16]);
 const TIMELINE: TimelineId = TimelineId([0x71; 16]);
@@ -281,13 +279,7 @@ fn slru_files(dir: &Path) -> BTreeMap<u32, Vec<u8>> {
 fn ingest_matches_postgres() {
     let started = std::time::Instant::now();
     let install = pg_install_dir();
-    let os_user = PgOsUser::resolve().expect("resolve the OS user for Postgres");
-    let dir = tempfile::Builder::new().prefix("ingest-pg-").tempdir_in("/tmp").expect("tempdir");
-    if let Some(u) = &os_user {
-        u.chown(dir.path()).expect("chown");
-    }
-    let datadir = dir.path().join("data");
-    run_initdb(&install, "cloud_admin", &datadir, os_user.as_ref()).expect("initdb");
+    let (dir, datadir, os_user) = initdb_in_tempdir(&install, "ingest-pg-");
 
     // Bootstrap the timeline from the fresh data directory.
     let workdir = tempfile::tempdir().expect("workdir");

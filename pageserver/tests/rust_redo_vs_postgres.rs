@@ -36,7 +36,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use common::{free_port, Cluster};
-use pageserver::import_datadir::{import_datadir, read_control_file, run_initdb, PgOsUser};
+use pageserver::import_datadir::{import_datadir, read_control_file};
 use pageserver::key::Key;
 use pageserver::pgdatadir_mapping::DatadirModification;
 use pageserver::redo_applier::RedoApplier;
@@ -120,13 +120,7 @@ fn slru_files(dir: PathBuf) -> BTreeMap<u32, Vec<u8>> {
 fn rust_applied_records_match_postgres() {
     let started = std::time::Instant::now();
     let install = common::pg_install_dir();
-    let os_user = PgOsUser::resolve().expect("resolve the OS user for Postgres");
-    let dir = tempfile::Builder::new().prefix("rust-redo-pg-").tempdir_in("/tmp").expect("tempdir");
-    if let Some(u) = &os_user {
-        u.chown(dir.path()).expect("chown");
-    }
-    let datadir = dir.path().join("data");
-    run_initdb(&install, "cloud_admin", &datadir, os_user.as_ref()).expect("initdb");
+    let (dir, datadir, os_user) = common::initdb_in_tempdir(&install, "rust-redo-pg-");
 
     let real_redo = common::RealRedo::start(&install);
     let (runtime, manager) = (&real_redo.runtime, &real_redo.manager);

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 
-use pageserver::import_datadir::{postgres_command, PgOsUser};
+use pageserver::import_datadir::{postgres_command, run_initdb, PgOsUser};
 use pageserver::pgdatadir_mapping::DatadirModification;
 use pageserver::redo_applier::PostgresRedoApplier;
 use pageserver::tenant::timeline::Timeline;
@@ -30,6 +30,18 @@ pub fn pg_install_dir() -> PathBuf {
         dir.display()
     );
     dir
+}
+/// A fresh `initdb` data directory (`<tempdir>/data`, cluster superuser `cloud_admin`) in a
+/// /tmp folder the Postgres OS user owns when running as root; keep the `TempDir` alive.
+pub fn initdb_in_tempdir(install: &Path, prefix: &str) -> (tempfile::TempDir, PathBuf, Option<PgOsUser>) {
+    let os_user = PgOsUser::resolve().expect("resolve the OS user for Postgres");
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir_in("/tmp").expect("tempdir");
+    if let Some(u) = &os_user {
+        u.chown(dir.path()).expect("chown");
+    }
+    let datadir = dir.path().join("data");
+    run_initdb(install, "cloud_admin", &datadir, os_user.as_ref()).expect("initdb");
+    (dir, datadir, os_user)
 }
 
 pub fn output(cmd: &mut Command) -> Output {
