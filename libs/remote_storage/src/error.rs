@@ -23,6 +23,12 @@ pub enum RemoteStorageError {
     #[error("{op} of {key} failed after {attempts} attempts, last error: {error:#}")]
     Transient { op: &'static str, key: String, attempts: u32, error: anyhow::Error },
 
+    /// An encrypted object could not be decrypted and verified: a byte of it was changed, it was
+    /// cut short or extended, it is not encrypted at all, or the key that would open it (its data
+    /// key, or the key-encryption key wrapping that) is missing or a different one. Never retried.
+    #[error(transparent)]
+    Authentication(AuthenticationError),
+
     /// `delete_many` removed some keys but not these.
     #[error("delete_many in {storage}: {} keys not deleted: {}", failures.len(), FirstFailures(failures))]
     DeleteFailed { storage: String, failures: Vec<DeleteFailure> },
@@ -35,9 +41,37 @@ pub struct DeleteFailure {
     pub message: String,
 }
 
+/// Why an encrypted object failed authentication. Also travels inside the `io::Error` of a
+/// download stream when a later chunk fails, so [`RemoteStorageError::from_body_error`] (and a
+/// caller, with `io::Error::get_ref`) can tell it from a network error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "object {key} failed authentication: {reason}. It was modified, or encrypted with a key that is not \
+     configured here: check encryption.kek_file (or kek_hex) and encryption.old_keks in the remote storage config"
+)]
+pub struct AuthenticationError {
+    /// Full location of the object.
+    pub key: String,
+    pub reason: String,
+}
+
 impl RemoteStorageError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, RemoteStorageError::NotFound { .. })
+    }
+
+    /// Whether this is an encrypted object failing authentication (tampered, or the wrong key).
+    pub fn is_authentication(&self) -> bool {
+        matches!(self, RemoteStorageError::Authentication(_))
+    }
+
+    /// Classifies an error read from a download body: an [`AuthenticationError`] carried in the
+    /// `io::Error` stays one; anything else is a permanent failure of `op` on `key`.
+    pub fn from_body_error(op: &'static str, key: &str, error: std::io::Error) -> Self {
+        match error.get_ref().and_then(|inner| inner.downcast_ref::<AuthenticationError>()) {
+            Some(auth) => RemoteStorageError::Authentication(auth.clone()),
+            None => RemoteStorageError::permanent(op, key, error),
+        }
     }
 
     pub(crate) fn permanent(op: &'static str, key: impl Into<String>, error: impl Into<anyhow::Error>) -> Self {

@@ -1,6 +1,7 @@
 //! Remote object storage: one trait, [`RemoteStorage`], and two backends behind
 //! [`GenericRemoteStorage`]: [`LocalFs`] (a directory; the embedded default) and [`S3Bucket`]
-//! (any S3 API: AWS, MinIO, moto).
+//! (any S3 API: AWS, MinIO, moto), either of which [`EncryptedStorage`] can wrap to encrypt every
+//! object at rest (the config's `encryption` section; see [`encryption`]).
 //!
 //! Both backends follow S3 semantics so that code tested against LocalFs behaves the same on S3:
 //! puts are atomic (readers see the old object or the new one, never a prefix), deleting a
@@ -8,6 +9,7 @@
 //! from every other failure. Every error names the object's full location.
 
 mod config;
+pub mod encryption;
 mod error;
 mod local_fs;
 mod path;
@@ -21,8 +23,11 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, TryStreamExt};
 
-pub use config::{LocalFsConfig, RemoteStorageConfig, S3Config};
-pub use error::{DeleteFailure, RemoteStorageError};
+pub use config::{
+    EncryptedStorageConfig, EncryptionConfig, KekConfig, KekSource, LocalFsConfig, RemoteStorageConfig, S3Config,
+};
+pub use encryption::{EncryptedStorage, KeyEncryptionKey, LocalKek};
+pub use error::{AuthenticationError, DeleteFailure, RemoteStorageError};
 pub use local_fs::LocalFs;
 pub use path::{InvalidRemotePath, RemotePath, REMOTE_PATH_LEN_BYTES_MAX};
 pub use retry::RetrySettings;
@@ -142,7 +147,7 @@ pub trait RemoteStorage: Send + Sync + 'static {
     /// [`get`](Self::get) of a whole object into memory; for small objects.
     async fn get_bytes(&self, path: &RemotePath) -> Result<Bytes, RemoteStorageError> {
         let download = self.get(path, None).await?;
-        download.collect().await.map_err(|e| RemoteStorageError::permanent("get", path.as_str(), e))
+        download.collect().await.map_err(|e| RemoteStorageError::from_body_error("get", path.as_str(), e))
     }
 }
 
@@ -151,17 +156,36 @@ pub trait RemoteStorage: Send + Sync + 'static {
 pub enum GenericRemoteStorage {
     LocalFs(LocalFs),
     S3(S3Bucket),
+    /// One of the others, with every object encrypted.
+    Encrypted(EncryptedStorage),
 }
 
 impl GenericRemoteStorage {
     /// Builds the backend `config` describes. For S3, credentials come from the standard AWS
-    /// chain (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, profile, IMDS, ...).
+    /// chain (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, profile, IMDS, ...). With an
+    /// `encryption` section the KEK files are read here, so a missing key fails at startup.
     pub async fn from_config(config: &RemoteStorageConfig) -> anyhow::Result<Self> {
+        Ok(match config {
+            RemoteStorageConfig::Encrypted(encrypted) => {
+                let backend = match encrypted.backend.as_ref() {
+                    RemoteStorageConfig::Encrypted(_) => anyhow::bail!("remote storage encryption cannot be nested"),
+                    plain => Self::plain_from_config(plain).await?,
+                };
+                GenericRemoteStorage::Encrypted(EncryptedStorage::from_config(backend, &encrypted.encryption)?)
+            }
+            plain => Self::plain_from_config(plain).await?,
+        })
+    }
+
+    async fn plain_from_config(config: &RemoteStorageConfig) -> anyhow::Result<Self> {
         Ok(match config {
             RemoteStorageConfig::LocalFs(local) => {
                 GenericRemoteStorage::LocalFs(LocalFs::new(local.local_path.clone())?)
             }
             RemoteStorageConfig::S3(s3) => GenericRemoteStorage::S3(S3Bucket::new(s3).await?),
+            RemoteStorageConfig::Encrypted(_) => {
+                anyhow::bail!("bug: plain_from_config called with an encrypted config")
+            }
         })
     }
 
@@ -169,6 +193,16 @@ impl GenericRemoteStorage {
         match self {
             GenericRemoteStorage::LocalFs(local) => local,
             GenericRemoteStorage::S3(s3) => s3,
+            GenericRemoteStorage::Encrypted(encrypted) => encrypted,
+        }
+    }
+
+    /// Where `path` is stored, as error messages spell it: a file path, or `s3://bucket/key`.
+    pub fn location(&self, path: &RemotePath) -> String {
+        match self {
+            GenericRemoteStorage::LocalFs(local) => local.location(path),
+            GenericRemoteStorage::S3(s3) => s3.location_of(path),
+            GenericRemoteStorage::Encrypted(encrypted) => encrypted.backend().location(path),
         }
     }
 }

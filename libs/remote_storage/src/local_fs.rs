@@ -46,7 +46,7 @@ impl LocalFs {
         self.root.join(path.as_str())
     }
 
-    fn location(&self, path: &RemotePath) -> String {
+    pub(crate) fn location(&self, path: &RemotePath) -> String {
         self.object_path(path).display().to_string()
     }
 

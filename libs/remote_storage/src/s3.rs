@@ -116,6 +116,11 @@ impl S3Bucket {
         }
     }
 
+    /// `s3://bucket/<object key of path>`, for error messages.
+    pub(crate) fn location_of(&self, path: &RemotePath) -> String {
+        self.location(&self.object_key(path))
+    }
+
     /// `s3://bucket/object_key`, for error messages.
     fn location(&self, object_key: &str) -> String {
         format!("s3://{}/{object_key}", self.bucket_name)

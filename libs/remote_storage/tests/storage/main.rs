@@ -1,19 +1,22 @@
 //! The same cases against every backend: LocalFs in a temp dir, and S3 against moto's server.
 //!
 //! Each case is an `async fn(&Fixture)`; `storage_cases!` turns it into `local::<case>` and
-//! `s3::<case>` tests. S3 tests get their own bucket (named after the case) on a moto server
-//! shared by the whole binary, and store keys under a `prefix_in_bucket` to exercise it.
+//! `s3::<case>` tests, and `local_encrypted::<case>`, `s3_encrypted::<case>` for the same
+//! backends behind `EncryptedStorage` (which must behave exactly alike). S3 tests get their own
+//! bucket (named after the case) on a moto server shared by the whole binary, and store keys
+//! under a `prefix_in_bucket` to exercise it.
 
 mod moto;
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use aws_sdk_s3::config::{BehaviorVersion, Region};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use remote_storage::{
-    ByteStream, GenericRemoteStorage, ListingMode, LocalFs, LocalFsConfig, RemotePath, RemoteStorage,
-    RemoteStorageConfig, RemoteStorageError, S3Bucket, S3Config, S3Credentials,
+    ByteStream, EncryptedStorage, GenericRemoteStorage, KeyEncryptionKey, ListingMode, LocalFs, LocalFsConfig,
+    LocalKek, RemotePath, RemoteStorage, RemoteStorageConfig, RemoteStorageError, S3Bucket, S3Config, S3Credentials,
 };
 
 const PREFIX_IN_BUCKET: &str = "test/prefix";
@@ -38,6 +41,13 @@ impl Fixture {
         .await
         .unwrap();
         Fixture { storage, location_prefix: format!("{}/", root.display()), _temp_dir: Some(temp_dir), raw_s3: None }
+    }
+
+    /// The same fixture with every object encrypted.
+    fn encrypted(mut self) -> Fixture {
+        let kek: Arc<dyn KeyEncryptionKey> = Arc::new(LocalKek::new("test-kek", [0x42; 32]).unwrap());
+        self.storage = GenericRemoteStorage::Encrypted(EncryptedStorage::new(self.storage, vec![kek]).unwrap());
+        self
     }
 
     async fn s3(case: &str) -> Fixture {
@@ -127,6 +137,24 @@ macro_rules! storage_cases {
                 #[tokio::test]
                 async fn $case() {
                     let fixture = super::Fixture::s3(stringify!($case)).await;
+                    super::$case(&fixture).await;
+                }
+            )*
+        }
+        mod local_encrypted {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let fixture = super::Fixture::local().await.encrypted();
+                    super::$case(&fixture).await;
+                }
+            )*
+        }
+        mod s3_encrypted {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let fixture = super::Fixture::s3(concat!("enc-", stringify!($case))).await.encrypted();
                     super::$case(&fixture).await;
                 }
             )*
@@ -418,4 +446,43 @@ async fn local_fs_put_is_atomic_and_delete_cleans_directories() {
     storage.delete(&path("t/tl/layer")).await.unwrap();
     assert!(!root.join("t").exists(), "empty directories should be removed");
     assert!(root.exists(), "the root stays");
+}
+
+/// Encrypted on S3: no object in the bucket holds the plaintext (the bucket is scanned through
+/// the raw client), and a byte changed in the bucket fails the read with an authentication error.
+#[tokio::test]
+async fn s3_encrypted_objects_hold_no_plaintext_and_detect_tampering() {
+    const MARKER: &[u8] = b"KNOWN-MARKER-0xC0FFEE";
+    let fx = Fixture::s3("encrypted_at_rest").await.encrypted();
+    let body: Bytes = MARKER.iter().copied().cycle().take(6 * 1024 * 1024).collect::<Vec<u8>>().into();
+    let key = path("tenants/3a0c11b1aa9b4bf2a1f5c1d2e3f40516/timelines/tl/layer");
+    fx.storage.put(&key, chunked(body.clone(), 1 << 20), body.len() as u64).await.unwrap();
+    assert!(fx.storage.get_bytes(&key).await.unwrap() == body);
+
+    let (client, bucket) = fx.raw_s3.as_ref().unwrap();
+    let listed = client.list_objects_v2().bucket(bucket).send().await.unwrap();
+    let keys: Vec<String> = listed.contents().iter().filter_map(|o| o.key().map(str::to_owned)).collect();
+    assert_eq!(keys.len(), 2, "the object and its tenant's data key: {keys:?}");
+    for raw_key in &keys {
+        let object = client.get_object().bucket(bucket).key(raw_key).send().await.unwrap();
+        let bytes = object.body.collect().await.unwrap().into_bytes();
+        assert!(!bytes.windows(MARKER.len()).any(|w| w == MARKER), "{raw_key} holds the plaintext marker");
+    }
+    // The storage's own listing shows only the object.
+    let listing = fx.storage.list(None, ListingMode::NoDelimiter, None).await.unwrap();
+    assert_eq!(listing.keys, std::slice::from_ref(&key));
+
+    // Flip one byte in the middle of the stored object.
+    let raw_key = format!("{PREFIX_IN_BUCKET}/{key}");
+    let object = client.get_object().bucket(bucket).key(&raw_key).send().await.unwrap();
+    let mut bytes = object.body.collect().await.unwrap().into_bytes().to_vec();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    client.put_object().bucket(bucket).key(&raw_key).body(Bytes::from(bytes).into()).send().await.unwrap();
+    let err = fx.storage.get_bytes(&key).await.unwrap_err();
+    assert!(err.is_authentication(), "{err}");
+    assert!(err.to_string().contains(&format!("s3://{bucket}/{raw_key} failed authentication")), "{err}");
+    // A ranged read of the untouched start still works: only the chunks read are verified.
+    let head = fx.storage.get(&key, Some((0, Some(1000)))).await.unwrap().collect().await.unwrap();
+    assert!(head == body.slice(0..1000));
 }
