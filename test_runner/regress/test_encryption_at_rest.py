@@ -1,0 +1,229 @@
+"""Encryption at rest of remote storage (issue 8, item 3; DESIGN D9).
+
+With `[remote_storage.encryption]` in pageserver.toml, no object the pageserver uploads (layers,
+index_part.json, the wrapped data keys) holds a marker string written into the database, while
+the same run without encryption does find it (so the scan can fail); a pageserver that lost its
+disk restores from the encrypted objects and serves the same data; one flipped byte in a remote
+layer object makes the read that downloads it fail with an authentication error; and a
+pageserver configured with a different key cannot read the objects at all."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from fixtures.compute import Storage
+from fixtures.daemons import wait_until
+from fixtures.pageserver import Pageserver
+from fixtures.safekeeper import lsn_int
+
+log = logging.getLogger(__name__)
+
+MARKER = b"ENC-AT-REST-MARKER-7c1e"
+S3_PREFIX = "pageserver"
+# Small layers, so that several are flushed and uploaded.
+CHECKPOINT_DISTANCE = "checkpoint_distance = 16777216\n"
+ROWS = 60_000
+AUTH_ERROR = "failed authentication"
+
+
+def write_kek(path: Path) -> Path:
+    path.write_text(secrets.token_hex(32) + "\n")
+    os.chmod(path, 0o600)
+    return path
+
+
+def encryption_section(kek_file: Path, kek_id: str = "k1") -> str:
+    return f"[remote_storage.encryption]\nkek_id = '{kek_id}'\nkek_file = '{kek_file}'\n"
+
+
+class LocalRemote:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def conf(self) -> str:
+        return f"[remote_storage]\nlocal_path = '{self.root}'\n"
+
+    def objects(self) -> dict[str, bytes]:
+        return {str(p.relative_to(self.root)): p.read_bytes() for p in self.root.rglob("*") if p.is_file()}
+
+    def put(self, key: str, body: bytes) -> None:
+        (self.root / key).write_bytes(body)
+
+
+class S3Remote:
+    def __init__(self, s3):
+        self.s3 = s3
+        self.client = s3.client()
+
+    def conf(self) -> str:
+        return (
+            f"[remote_storage]\nbucket_name = '{self.s3.bucket}'\nbucket_region = '{self.s3.region}'\n"
+            f"endpoint = '{self.s3.endpoint}'\nprefix_in_bucket = '{S3_PREFIX}'\n"
+        )
+
+    def objects(self) -> dict[str, bytes]:
+        """Every object in the whole bucket (not only under the prefix)."""
+        out = {}
+        for key in self.s3.list_keys(""):
+            body = self.client.get_object(Bucket=self.s3.bucket, Key=key)["Body"].read()
+            out[key[len(S3_PREFIX) + 1 :] if key.startswith(S3_PREFIX + "/") else key] = body
+        return out
+
+    def put(self, key: str, body: bytes) -> None:
+        self.client.put_object(Bucket=self.s3.bucket, Key=f"{S3_PREFIX}/{key}", Body=body)
+
+
+@pytest.fixture(params=["local_fs", "mock_s3"])
+def remote(request, test_output_dir, monkeypatch):
+    if request.param == "local_fs":
+        return LocalRemote(test_output_dir / "remote_storage")
+    s3 = request.getfixturevalue("moto_s3")
+    # The pageserver inherits these: the standard AWS credential chain reads them.
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    return S3Remote(s3)
+
+
+class EncryptedStack(Storage):
+    """`Storage` (a pageserver, the test's safekeepers, one timeline) whose pageserver uploads to
+    `remote`, with `pageserver_conf` added to its config."""
+
+    def __init__(self, daemons, safekeepers, output_dir: Path, port_allocator, pageserver_conf: str):
+        self.daemons = daemons
+        self.safekeepers = safekeepers
+        self.output_dir = output_dir
+        self.ports = port_allocator
+        self.ps = Pageserver(
+            daemons, output_dir / "pageserver", port_allocator.get(), port_allocator.get(), [sk.addr for sk in safekeepers], extra_conf=pageserver_conf
+        ).start()
+        self.tenant_id, self.timeline_id = uuid.uuid4().hex, uuid.uuid4().hex
+        self.ps.create_tenant(self.tenant_id)
+        start_lsn = self.ps.create_timeline(self.tenant_id, self.timeline_id)["last_record_lsn"]
+        for sk in safekeepers:
+            sk.create_timeline(self.tenant_id, self.timeline_id, start_lsn)
+        daemons.allow_errors("walproposer", "Postgres ended the replication stream", "disconnected")
+
+    def checkpoint_and_upload(self) -> dict:
+        ps, tenant, timeline = self.ps, self.tenant_id, self.timeline_id
+        commit = max(lsn_int(sk.timeline_status(tenant, timeline)["commit_lsn"]) for sk in self.safekeepers)
+        wait_until("the pageserver to ingest all committed WAL", lambda: lsn_int(ps.timeline(tenant, timeline)["last_record_lsn"]) >= commit, timeout_s=60)
+        r = requests.put(f"{ps.http}/v1/tenant/{tenant}/timeline/{timeline}/checkpoint?wait_until_uploaded=true", timeout=600)
+        assert r.ok, r.text
+        info = r.json()
+        assert info["upload_queue_len"] == 0 and info["last_upload_error"] is None, info
+        return info
+
+    def wipe_and_restart(self, conf: str | None = None) -> None:
+        self.ps.stop()
+        shutil.rmtree(self.ps.workdir / "tenants")
+        if conf is not None:
+            self.ps.extra_conf = conf
+        self.ps.start()
+
+
+SUMS = "select count(*), sum(id), sum(length(v)), count(*) filter (where v like 'ENC-AT-REST-MARKER-7c1e-%') from marked"
+
+
+def write_marked_rows(stack: EncryptedStack) -> list:
+    c = stack.compute("compute1")
+    c.sql("create table marked(id int primary key, v text)")
+    c.sql(f"insert into marked select g, '{MARKER.decode()}-' || g from generate_series(1, {ROWS}) g")
+    expected = c.sql(SUMS)
+    assert expected[0][0] == ROWS and expected[0][3] == ROWS, expected
+    c.stop()
+    return expected
+
+
+def holding_marker(objects: dict[str, bytes]) -> list[str]:
+    return sorted(key for key, body in objects.items() if MARKER in body)
+
+
+def layer_keys(objects: dict[str, bytes], stack: EncryptedStack) -> list[str]:
+    prefix = f"tenants/{stack.tenant_id}/timelines/{stack.timeline_id}/"
+    return sorted(k for k in objects if k.startswith(prefix) and not k.endswith("index_part.json"))
+
+
+def test_unencrypted_upload_holds_the_marker(remote, daemons, safekeeper_cluster, test_output_dir, port_allocator):
+    """The control: without encryption the scan below finds the marker in the uploaded layers,
+    so its absence with encryption means something."""
+    stack = EncryptedStack(daemons, safekeeper_cluster, test_output_dir, port_allocator, CHECKPOINT_DISTANCE + remote.conf())
+    write_marked_rows(stack)
+    stack.checkpoint_and_upload()
+    objects = remote.objects()
+    found = holding_marker(objects)
+    assert found, f"no plaintext marker in {len(objects)} unencrypted objects: the scan cannot tell"
+    assert all(k in layer_keys(objects, stack) for k in found), found
+
+
+def test_encrypted_upload_restore_and_tampering(remote, daemons, safekeeper_cluster, test_output_dir, port_allocator):
+    kek = write_kek(test_output_dir / "k1.key")
+    conf = CHECKPOINT_DISTANCE + remote.conf() + encryption_section(kek)
+    stack = EncryptedStack(daemons, safekeeper_cluster, test_output_dir, port_allocator, conf)
+    ps, tenant, timeline = stack.ps, stack.tenant_id, stack.timeline_id
+    expected = write_marked_rows(stack)
+    info = stack.checkpoint_and_upload()
+
+    # No uploaded object holds the marker; every data object is in the encrypted format, and
+    # the tenant's wrapped data key sits under _encryption_keys/.
+    objects = remote.objects()
+    layers = layer_keys(objects, stack)
+    index_key = f"tenants/{tenant}/timelines/{timeline}/index_part.json"
+    assert len(layers) >= 2 and index_key in objects, sorted(objects)
+    assert holding_marker(objects) == [], "plaintext marker found at rest"
+    key_objects = [k for k in objects if k.startswith("_encryption_keys/")]
+    assert key_objects and all(k.startswith(f"_encryption_keys/tenant-{tenant}/k1/") for k in key_objects), key_objects
+    for key, body in objects.items():
+        if key not in key_objects:
+            assert body[:4] == b"NEOE", f"{key} is not in the encrypted format"
+    local_dir = ps.workdir / "tenants" / tenant / "timelines" / timeline
+    local_bytes = sum(p.stat().st_size for p in local_dir.iterdir() if p.name != "metadata")
+    remote_bytes = sum(len(objects[k]) for k in layers)
+    log.info("%d layers: %d bytes local, %d bytes encrypted (+%.3f%%)", len(layers), local_bytes, remote_bytes, 100 * (remote_bytes - local_bytes) / local_bytes)
+
+    # Wipe the pageserver's disk: it restores from the encrypted index and layers (the layer
+    # checksums in the index are of the plaintext, and downloads are checked against them).
+    stack.wipe_and_restart()
+    assert ps.timeline(tenant, timeline)["disk_consistent_lsn"] == info["disk_consistent_lsn"]
+    c2 = stack.compute("compute2")
+    assert c2.sql(SUMS) == expected
+    assert c2.sql("select v from marked where id = 4242") == [(f"{MARKER.decode()}-4242",)]
+    c2.stop()
+
+    # A pageserver holding another key under the same id cannot read the index: the tenant is
+    # not restored, and the log says why.
+    daemons.allow_errors(AUTH_ERROR)
+    mark = len(ps.daemon.log_text())
+    stack.wipe_and_restart(CHECKPOINT_DISTANCE + remote.conf() + encryption_section(write_kek(test_output_dir / "other.key")))
+    wait_until("the pageserver to log the authentication failure", lambda: AUTH_ERROR in ps.daemon.log_text()[mark:], timeout_s=30)
+    assert requests.get(f"{ps.http}/v1/tenant/{tenant}/timeline/{timeline}", timeout=10).status_code == 404
+    log_text = ps.daemon.log_text()[mark:]
+    log.info("with another KEK: %s", next(line for line in log_text.splitlines() if AUTH_ERROR in line))
+    assert "could not be unwrapped with key-encryption key" in log_text and "encryption.kek_file" in log_text
+
+    # Back to the right key, with one byte of the largest layer flipped in remote storage: the
+    # read that downloads that layer fails with an authentication error, and nothing is served.
+    victim = max(layers, key=lambda k: len(objects[k]))
+    body = bytearray(objects[victim])
+    body[len(body) // 2] ^= 0x01
+    remote.put(victim, bytes(body))
+    mark = len(ps.daemon.log_text())
+    stack.wipe_and_restart(conf)
+    # (compute2 wrote a little WAL, which may have been uploaded since.)
+    assert lsn_int(ps.timeline(tenant, timeline)["disk_consistent_lsn"]) >= lsn_int(info["disk_consistent_lsn"])
+    with pytest.raises(RuntimeError, match=AUTH_ERROR) as failed:
+        ps.backup_tar(tenant, timeline)
+    log.info("fullbackup over the tampered layer: %s", failed.value)
+    assert victim.rsplit("/", 1)[1] in str(failed.value)
+    wait_until("the pageserver to log it", lambda: AUTH_ERROR in ps.daemon.log_text()[mark:], timeout_s=30)
+
+    # Restoring the original bytes makes the same read work again.
+    remote.put(victim, objects[victim])
+    ps.backup_tar(tenant, timeline)
