@@ -142,19 +142,19 @@ impl KeyEncryptionKey for LocalKek {
 /// The key object stored for each data key.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct WrappedDataKey {
-    format_version: u32,
-    data_key_id: String,
-    kek_id: String,
-    algorithm: String,
+pub(crate) struct WrappedDataKey {
+    pub format_version: u32,
+    pub data_key_id: String,
+    pub kek_id: String,
+    pub algorithm: String,
     /// The KEK's output, hex.
-    wrapped_key: String,
+    pub wrapped_key: String,
 }
 
 const WRAPPED_KEY_FORMAT_VERSION: u32 = 1;
 
 /// What the KEK binds a wrapped data key to.
-fn wrap_context(data_key_id: &str, kek_id: &str) -> Vec<u8> {
+pub(crate) fn wrap_context(data_key_id: &str, kek_id: &str) -> Vec<u8> {
     [b"neon remote storage data key v1\0".as_slice(), data_key_id.as_bytes(), b"\0", kek_id.as_bytes()].concat()
 }
 
@@ -176,6 +176,8 @@ fn key_object_path(data_key_id: &str, kek_id: &str) -> Result<RemotePath, Remote
 /// The configured KEKs and the data keys in use.
 pub struct KeyRing {
     keks: HashMap<String, Arc<dyn KeyEncryptionKey>>,
+    /// KEK ids as configured, the active one first.
+    kek_order: Vec<String>,
     active_kek: String,
     /// Unwrapped data keys by id, for reading.
     by_id: Mutex<HashMap<String, Arc<DataKey>>>,
@@ -188,6 +190,7 @@ impl KeyRing {
     /// `keks[0]` is the active KEK; the others only unwrap.
     pub fn new(keks: Vec<Arc<dyn KeyEncryptionKey>>) -> anyhow::Result<KeyRing> {
         let active_kek = keks.first().map(|k| k.id().to_owned()).ok_or_else(|| anyhow::anyhow!("no KEK configured"))?;
+        let kek_order: Vec<String> = keks.iter().map(|k| k.id().to_owned()).collect();
         let mut by_id = HashMap::new();
         for kek in keks {
             let id = kek.id().to_owned();
@@ -196,6 +199,7 @@ impl KeyRing {
         }
         Ok(KeyRing {
             keks: by_id,
+            kek_order,
             active_kek,
             by_id: Mutex::new(HashMap::new()),
             active_by_scope: Mutex::new(HashMap::new()),
@@ -282,43 +286,76 @@ impl KeyRing {
     /// The data key an object's header names; `object` (its location) is what errors name.
     /// A missing KEK, a missing or damaged key object, or a key that does not unwrap are
     /// authentication errors; failures to reach the storage are not.
+    ///
+    /// The header's KEK is tried first, then every other configured KEK: a data key may also be
+    /// wrapped by a newer KEK under the same id (`<scope>/<new kek>/<random>.json`), so a later
+    /// rewrap of the data keys can retire an old KEK without rewriting any object.
     pub async fn key_for_read(
         &self,
         storage: &GenericRemoteStorage,
-        kek_id: &str,
+        header_kek_id: &str,
         data_key_id: &str,
         object: &str,
     ) -> Result<Arc<DataKey>, RemoteStorageError> {
-        let auth =
-            |reason: String| RemoteStorageError::Authentication(AuthenticationError { key: object.to_owned(), reason });
-        if let Some(key) = self.cache().get(data_key_id).filter(|k| k.kek_id == kek_id) {
+        // Every wrapping of a data key holds the same bytes, so the cache is by data key id.
+        if let Some(key) = self.cache().get(data_key_id) {
             return Ok(Arc::clone(key));
         }
-        let Some(kek) = self.keks.get(kek_id) else {
-            let mut configured: Vec<_> = self.keks.keys().map(String::as_str).collect();
-            configured.sort_unstable();
-            return Err(auth(format!(
-                "it was encrypted under key-encryption key {kek_id:?}, which is not configured here (configured: {}); \
-                 add it to encryption.old_keks",
-                configured.join(", ")
-            )));
+        let mut candidates: Vec<&Arc<dyn KeyEncryptionKey>> = self.keks.get(header_kek_id).into_iter().collect();
+        candidates.extend(self.kek_order.iter().filter(|id| *id != header_kek_id).map(|id| &self.keks[id]));
+        let mut first_failure = None;
+        for kek in candidates {
+            match self.unwrap_with(storage, kek.as_ref(), data_key_id).await {
+                Ok(Some(bytes)) => {
+                    let key = Arc::new(DataKey { id: data_key_id.to_owned(), kek_id: kek.id().to_owned(), bytes });
+                    self.cache().insert(data_key_id.to_owned(), Arc::clone(&key));
+                    return Ok(key);
+                }
+                Ok(None) => {}
+                Err(UnwrapFailure::Storage(e)) => return Err(e),
+                Err(UnwrapFailure::Invalid(reason)) => {
+                    first_failure.get_or_insert(reason);
+                }
+            }
+        }
+        let reason = match first_failure {
+            Some(reason) => reason,
+            None if !self.keks.contains_key(header_kek_id) => format!(
+                "it was encrypted under key-encryption key {header_kek_id:?}, which is not configured here \
+                 (configured: {}); add it to encryption.old_keks",
+                self.kek_order.join(", ")
+            ),
+            None => format!(
+                "its data key {data_key_id} does not exist (no key object {})",
+                key_object_path(data_key_id, header_kek_id)?
+            ),
         };
-        let path = key_object_path(data_key_id, kek_id)?;
+        Err(RemoteStorageError::Authentication(AuthenticationError { key: object.to_owned(), reason }))
+    }
+
+    /// Unwraps `data_key_id` with `kek` from its key object; `None` if `kek` wraps no such key.
+    async fn unwrap_with(
+        &self,
+        storage: &GenericRemoteStorage,
+        kek: &dyn KeyEncryptionKey,
+        data_key_id: &str,
+    ) -> Result<Option<KeyBytes>, UnwrapFailure> {
+        let kek_id = kek.id();
+        let path = key_object_path(data_key_id, kek_id).map_err(UnwrapFailure::Storage)?;
         let json = match storage.get_bytes(&path).await {
             Ok(json) => json,
-            Err(e) if e.is_not_found() => {
-                return Err(auth(format!("its data key {data_key_id} does not exist (no key object {path})")))
-            }
-            Err(e) => return Err(e),
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(UnwrapFailure::Storage(e)),
         };
-        let record: WrappedDataKey =
-            serde_json::from_slice(&json).map_err(|e| auth(format!("its data key object {path} is not valid: {e}")))?;
+        let invalid = |reason: String| UnwrapFailure::Invalid(reason);
+        let record: WrappedDataKey = serde_json::from_slice(&json)
+            .map_err(|e| invalid(format!("its data key object {path} is not valid: {e}")))?;
         if record.format_version != WRAPPED_KEY_FORMAT_VERSION
             || record.data_key_id != data_key_id
             || record.kek_id != kek_id
             || record.algorithm != kek.algorithm()
         {
-            return Err(auth(format!(
+            return Err(invalid(format!(
                 "its data key object {path} describes key {:?} (format {}, KEK {:?}, {}), not {data_key_id:?} \
                  wrapped by KEK {kek_id:?} with {}",
                 record.data_key_id,
@@ -329,17 +366,23 @@ impl KeyRing {
             )));
         }
         let wrapped = hex::decode(&record.wrapped_key)
-            .map_err(|e| auth(format!("its data key object {path} holds a malformed wrapped key: {e}")))?;
+            .map_err(|e| invalid(format!("its data key object {path} holds a malformed wrapped key: {e}")))?;
         let bytes = kek.unwrap(&wrapped, &wrap_context(data_key_id, kek_id)).await.map_err(|e| {
-            auth(format!(
+            invalid(format!(
                 "its data key {data_key_id} could not be unwrapped with key-encryption key {kek_id:?} ({e:#}): the \
                  key configured under that id is not the one that wrapped it, or {path} was modified"
             ))
         })?;
-        let key = Arc::new(DataKey { id: data_key_id.to_owned(), kek_id: kek_id.to_owned(), bytes });
-        self.cache().insert(data_key_id.to_owned(), Arc::clone(&key));
-        Ok(key)
+        Ok(Some(bytes))
     }
+}
+
+/// Why one KEK could not provide a data key.
+enum UnwrapFailure {
+    /// The storage could not be read (not the key's fault; not an authentication error).
+    Storage(RemoteStorageError),
+    /// The key object is there but damaged, or does not unwrap.
+    Invalid(String),
 }
 
 #[cfg(test)]

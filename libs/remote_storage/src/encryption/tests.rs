@@ -298,6 +298,35 @@ async fn rotation_keeps_old_objects_readable() {
     assert_eq!(read_all(&v3, &path("tenants/t/old-reencrypted")).await.unwrap(), "written under k1");
 }
 
+/// A data key wrapped again by the new KEK (what a rewrap tool would do) keeps objects whose
+/// header names the old KEK readable once the old KEK is gone, without rewriting them.
+#[tokio::test]
+async fn a_rewrapped_data_key_lets_the_old_kek_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = path("tenants/t/old");
+    storage(dir.path(), vec![kek("k1", 1)]).put_bytes(&old, Bytes::from_static(b"under k1")).await.unwrap();
+    let (key_file, json) = files(&dir.path().join(KEYS_PREFIX)).remove(0);
+    let record: keys::WrappedDataKey = serde_json::from_slice(&json).unwrap();
+    let k1 = LocalKek::new("k1", [1; 32]).unwrap();
+    let k2 = LocalKek::new("k2", [2; 32]).unwrap();
+    let data_key = k1
+        .unwrap(&hex::decode(&record.wrapped_key).unwrap(), &keys::wrap_context(&record.data_key_id, "k1"))
+        .await
+        .unwrap();
+    let rewrapped = keys::WrappedDataKey {
+        kek_id: "k2".into(),
+        wrapped_key: hex::encode(k2.wrap(&data_key, &keys::wrap_context(&record.data_key_id, "k2")).await.unwrap()),
+        ..record
+    };
+    let k2_dir = key_file.parent().unwrap().parent().unwrap().join("k2");
+    std::fs::create_dir_all(&k2_dir).unwrap();
+    std::fs::write(k2_dir.join(key_file.file_name().unwrap()), serde_json::to_vec(&rewrapped).unwrap()).unwrap();
+    std::fs::remove_file(&key_file).unwrap();
+
+    let only_k2 = storage(dir.path(), vec![kek("k2", 2)]);
+    assert_eq!(read_all(&only_k2, &old).await.unwrap(), "under k1");
+}
+
 #[tokio::test]
 async fn objects_are_bound_to_their_path() {
     let dir = tempfile::tempdir().unwrap();
