@@ -131,7 +131,7 @@ impl KeyEncryptionKey for LocalKek {
         let (nonce, sealed) = wrapped.split_at(WRAP_NONCE_LEN);
         let plain = Zeroizing::new(
             aead.decrypt(Nonce::from_slice(nonce), Payload { msg: sealed, aad: context })
-                .map_err(|_| anyhow::anyhow!("it does not verify under KEK {:?}", self.id))?,
+                .map_err(|_| anyhow::anyhow!("AES-GCM tag mismatch"))?,
         );
         let mut key = Zeroizing::new([0u8; 32]);
         key.copy_from_slice(&plain);
