@@ -283,6 +283,46 @@ async fn apply_roles_and_databases(spec: &ComputeSpec) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Longest wait between two renewals of the compute's LSN lease.
+const LEASE_RENEW_INTERVAL_MAX: Duration = Duration::from_secs(60);
+
+/// Keeps the pageserver's lease on `lsn` (where this compute reads pages, DESIGN D3) alive, so
+/// GC keeps that history: renews it at half its remaining time (at most every minute), and
+/// retries every few seconds while the pageserver is unreachable. Runs until `stop`.
+async fn renew_lsn_lease(spec: ComputeSpec, lsn: Lsn, stop: CancellationToken) {
+    let mut wait = Duration::ZERO;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = match lease_once(&spec, lsn).await {
+            Ok(valid_for) => (valid_for / 2).min(LEASE_RENEW_INTERVAL_MAX).max(Duration::from_secs(1)),
+            Err(e) => {
+                warn!("renewing the lease on LSN {lsn} at the pageserver {}: {e:#}; retrying in 5 s", spec.pageserver);
+                Duration::from_secs(5)
+            }
+        };
+    }
+}
+
+/// One `lease lsn` call; returns how long the lease is valid from now.
+async fn lease_once(spec: &ComputeSpec, lsn: Lsn) -> anyhow::Result<Duration> {
+    let hp = host_port(&spec.pageserver)?;
+    let mut c = ConnectConfig::new(hp.host.clone(), hp.port, SUPERUSER);
+    c.connect_timeout = Duration::from_secs(10);
+    let mut client = Client::connect(&c).await?;
+    let rows = client.simple_query(&format!("lease lsn {} {} {lsn}", spec.tenant_id, spec.timeline_id)).await?;
+    let millis: u128 = rows
+        .first()
+        .and_then(|r| r.first())
+        .and_then(|c| c.as_deref())
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("the pageserver's answer to 'lease lsn' has no valid_until: {rows:?}"))?;
+    let until = std::time::UNIX_EPOCH + Duration::from_millis(millis.min(u128::from(u64::MAX)) as u64);
+    Ok(until.duration_since(std::time::SystemTime::now()).unwrap_or_default())
+}
+
 /// Starts the compute and supervises it until `shutdown` or a failure.
 pub async fn run(
     spec: ComputeSpec,
@@ -307,6 +347,9 @@ pub async fn run(
     let lsn = lsn.unwrap_or(redo_lsn);
     status.lock().expect("status lock").start_lsn = Some(lsn);
     info!("basebackup at {lsn}: {size} bytes");
+    let lease_stop = shutdown.child_token();
+    let _lease_guard = lease_stop.clone().drop_guard();
+    tokio::spawn(renew_lsn_lease(spec.clone(), lsn, lease_stop));
     step(&status, "write postgresql.conf", async { write_config(&spec, &pgdata, lsn) }).await?;
     if let Some(u) = &os_user {
         u.chown_recursive(&pgdata)?;

@@ -197,6 +197,13 @@ fn http_post(peer: &Peer, url: &str, body: serde_json::Value) -> anyhow::Result<
     }
 }
 
+fn http_put(peer: &Peer, url: &str, body: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+    match ureq::put(url).timeout(Duration::from_secs(180)).send_json(body) {
+        Ok(resp) => Ok(resp.into_json()?),
+        Err(e) => Err(api_error(peer, url, e)),
+    }
+}
+
 fn http_delete(peer: &Peer, url: &str) -> anyhow::Result<()> {
     match ureq::delete(url).timeout(Duration::from_secs(30)).call() {
         Ok(_) => Ok(()),
@@ -500,6 +507,10 @@ impl Env {
         http_post(&self.ps_peer(), &format!("{}{path}", self.ps_http()), body)
     }
 
+    fn ps_put(&self, path: &str, body: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        http_put(&self.ps_peer(), &format!("{}{path}", self.ps_http()), body)
+    }
+
     fn sk_url(sk: &SafekeeperConf, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", sk.http_port)
     }
@@ -634,6 +645,7 @@ impl Env {
         t: Option<TenantId>,
         tl: Option<TimelineId>,
         set_default: bool,
+        config: std::collections::BTreeMap<String, String>,
     ) -> anyhow::Result<(TenantId, TimelineId)> {
         let t = t.unwrap_or_else(TenantId::generate);
         let tl = tl.unwrap_or_else(TimelineId::generate);
@@ -642,7 +654,7 @@ impl Env {
         }
         self.ps_get("/v1/status")?;
         self.check_safekeepers_up()?;
-        self.ps_post("/v1/tenant", serde_json::json!({ "tenant_id": t }))?;
+        self.ps_post("/v1/tenant", serde_json::json!({ "tenant_id": t, "config": config }))?;
         let info = self.ps_post(&format!("/v1/tenant/{t}/timeline"), serde_json::json!({ "new_timeline_id": tl }))?;
         let lsn: Lsn = info["last_record_lsn"].as_str().context("no last_record_lsn")?.parse()?;
         self.create_sk_timelines(t, tl, lsn)?;
@@ -652,6 +664,25 @@ impl Env {
         }
         self.save()?;
         Ok((t, tl))
+    }
+
+    /// Replaces the settings of `tenant` (default: the default tenant) and prints the effective ones.
+    pub fn set_tenant_config(
+        &self,
+        tenant: Option<TenantId>,
+        config: std::collections::BTreeMap<String, String>,
+    ) -> anyhow::Result<()> {
+        let t = match tenant.or(self.conf.default_tenant) {
+            Some(t) => t,
+            None => bail!("no tenant given and no default tenant; pass --tenant-id (see 'neon_local tenant list')"),
+        };
+        let v = self.ps_put(&format!("/v1/tenant/{t}/config"), serde_json::json!(config))?;
+        if let Some(map) = v["effective_config"].as_object() {
+            for (k, v) in map {
+                println!("{k} = {}", v.as_str().unwrap_or_default());
+            }
+        }
+        Ok(())
     }
 
     pub fn list_tenants(&self) -> anyhow::Result<()> {
@@ -732,6 +763,15 @@ impl Env {
             if lsn < initdb {
                 bail!(
                     "LSN {lsn} is before initdb LSN {initdb} of branch '{branch}', where its data begins; pick an LSN at or after it"
+                );
+            }
+        }
+        if let Some(cutoff) = get("latest_gc_cutoff_lsn") {
+            if lsn < cutoff {
+                bail!(
+                    "LSN {lsn} is below the garbage-collection cutoff {cutoff} of branch '{branch}': history older than \
+                     the tenant's pitr_interval is not kept; pick an LSN at or after it (or raise pitr_interval with \
+                     'neon_local tenant config')"
                 );
             }
         }

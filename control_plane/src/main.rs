@@ -80,11 +80,21 @@ enum TenantCmd {
         timeline_id: Option<utils::TimelineId>,
         #[arg(long)]
         set_default: bool,
-        /// Tenant settings (not supported yet: refused with a clear error).
-        #[arg(short = 'c')]
+        /// Tenant settings, `-c key=value` (repeatable): checkpoint_distance, checkpoint_timeout,
+        /// compaction_period, compaction_threshold, compaction_target_size,
+        /// image_creation_threshold, gc_period, gc_horizon, pitr_interval, lsn_lease_length.
+        #[arg(short = 'c', long = "config")]
         config: Vec<String>,
     },
     List,
+    /// Replace a tenant's settings (`-c key=value`, repeatable; none resets to the defaults) and
+    /// print the effective ones.
+    Config {
+        #[arg(long)]
+        tenant_id: Option<utils::TenantId>,
+        #[arg(short = 'c', long = "config")]
+        config: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -221,17 +231,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Stop { mode } => Env::load()?.stop_all(mode)?,
         Cmd::Status => Env::load()?.print_status()?,
         Cmd::Tenant(TenantCmd::Create { tenant_id, timeline_id, set_default, config }) => {
-            if !config.is_empty() {
-                anyhow::bail!("tenant settings (-c) are not supported yet; configure defaults in .neon/pageserver/pageserver.toml");
-            }
+            let config = parse_settings(&config)?;
             let mut env = Env::load()?;
-            let (t, tl) = env.create_tenant(tenant_id, timeline_id, set_default)?;
+            let (t, tl) = env.create_tenant(tenant_id, timeline_id, set_default, config)?;
             println!(
                 "tenant {t} created with branch 'main' (timeline {tl}){}",
                 if set_default { ", set as default" } else { "" }
             );
         }
         Cmd::Tenant(TenantCmd::List) => Env::load()?.list_tenants()?,
+        Cmd::Tenant(TenantCmd::Config { tenant_id, config }) => {
+            let config = parse_settings(&config)?;
+            Env::load()?.set_tenant_config(tenant_id, config)?
+        }
         Cmd::Timeline(TimelineCmd::Branch {
             branch_name,
             ancestor_branch_name,
@@ -325,4 +337,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `key=value` settings from `-c` flags.
+fn parse_settings(items: &[String]) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let mut out = std::collections::BTreeMap::new();
+    for item in items {
+        let Some((k, v)) = item.split_once('=') else {
+            anyhow::bail!("-c {item}: expected key=value, e.g. -c pitr_interval=1h");
+        };
+        if k.trim().is_empty() {
+            anyhow::bail!("-c {item}: the setting name is empty; expected key=value");
+        }
+        out.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(out)
 }

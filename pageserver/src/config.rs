@@ -49,6 +49,10 @@ pub struct ConfFile {
     /// `[remote_storage]` with `local_path = '...'`, or `bucket_name`, `bucket_region`,
     /// `endpoint`, `prefix_in_bucket` (S3; credentials from the standard AWS chain).
     pub remote_storage: Option<RemoteStorageConfig>,
+    /// `[tenant_config]`: defaults of the per-tenant settings (`pitr_interval = '7d'`,
+    /// `compaction_threshold = 10`, ...; see [`crate::tenant::config`]).
+    #[serde(default)]
+    pub tenant_config: std::collections::BTreeMap<String, toml::Value>,
 }
 
 /// Parses durations like `10s`, `500ms`, `10m`, `1h`, `7d`.
@@ -94,6 +98,16 @@ impl PageServerConf {
             tenant_conf.checkpoint_timeout =
                 parse_duration(t).map_err(|e| anyhow::anyhow!("checkpoint_timeout: {e}"))?;
         }
+        for (key, value) in &file.tenant_config {
+            let value = match value {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                other => {
+                    anyhow::bail!("{}: tenant_config.{key}: expected a string or a number, got {other}", path.display())
+                }
+            };
+            tenant_conf.set(key, &value).map_err(|e| anyhow::anyhow!("{}: tenant_config.{e}", path.display()))?;
+        }
         Ok(PageServerConf {
             id: NodeId(file.id.unwrap_or(1)),
             workdir: workdir.to_path_buf(),
@@ -131,13 +145,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("pageserver.toml"),
-            "id = 7\nlisten_pg_addr = '127.0.0.1:1234'\nsafekeepers = ['127.0.0.1:5454']\ncheckpoint_distance = 1048576\n",
+            "id = 7\nlisten_pg_addr = '127.0.0.1:1234'\nsafekeepers = ['127.0.0.1:5454']\ncheckpoint_distance = 1048576\n\
+             [tenant_config]\npitr_interval = '1h'\ncompaction_threshold = 4\n",
         )
         .unwrap();
         let c = PageServerConf::load(dir.path()).unwrap();
         assert_eq!(c.id, NodeId(7));
         assert_eq!(c.listen_pg_addr.port(), 1234);
         assert_eq!(c.default_tenant_conf.checkpoint_distance_bytes, 1 << 20);
+        assert_eq!(c.default_tenant_conf.pitr_interval, Duration::from_secs(3600));
+        assert_eq!(c.default_tenant_conf.compaction_threshold, 4);
         std::fs::write(dir.path().join("pageserver.toml"), "bogus = 1\n").unwrap();
         let e = PageServerConf::load(dir.path()).unwrap_err().to_string();
         assert!(e.contains("bogus"), "{e}");

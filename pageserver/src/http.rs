@@ -11,6 +11,12 @@
 //! - `GET /v1/tenant/{tenant_id}/timeline/{timeline_id}/get_lsn_by_timestamp?timestamp=<RFC 3339>`
 //!   (the LSN at which the timeline looked as at that time; see
 //!   [`Timeline::find_lsn_by_timestamp`])
+//! - `GET|PUT /v1/tenant/{tenant_id}/config` (the tenant's settings; PUT replaces its overrides
+//!   with the JSON object given, e.g. `{"pitr_interval": "1h"}`)
+//! - `PUT /v1/tenant/{tenant_id}/timeline/{timeline_id}/compact[?force=true]` and `.../do_gc`
+//!   (run compaction or GC now; the answer says what they did)
+//! - `DELETE /v1/tenant/{tenant_id}/timeline/{timeline_id}` (no child branches allowed) and
+//!   `DELETE /v1/tenant/{tenant_id}`: local and remote data removed
 
 use std::sync::Arc;
 
@@ -62,6 +68,7 @@ fn timeline_id(s: &str) -> Result<TimelineId, ApiError> {
 pub fn timeline_info(tl: &Timeline) -> TimelineInfo {
     let md = tl.metadata();
     let status = tl.remote_client().map(|r| r.status());
+    let layers = tl.historic_layers();
     TimelineInfo {
         tenant_id: tl.tenant_id(),
         timeline_id: tl.timeline_id(),
@@ -74,6 +81,11 @@ pub fn timeline_info(tl: &Timeline) -> TimelineInfo {
         pg_version: md.pg_version,
         upload_queue_len: status.as_ref().map(|s| s.queue_len),
         last_upload_error: status.and_then(|s| s.last_error),
+        latest_gc_cutoff_lsn: md.latest_gc_cutoff_lsn,
+        layer_count: layers.len(),
+        l0_delta_count: layers.iter().filter(|l| l.is_l0()).count(),
+        image_layer_count: layers.iter().filter(|l| !l.is_delta()).count(),
+        layer_bytes: layers.iter().map(|l| l.file_size_bytes).sum(),
     }
 }
 
@@ -84,10 +96,13 @@ pub fn router(mgr: Arc<TenantManager>) -> Router {
             get(|State(m): State<Arc<TenantManager>>| async move { Json(serde_json::json!({ "id": m.conf.id })) }),
         )
         .route("/v1/tenant", get(list_tenants).post(create_tenant))
-        .route("/v1/tenant/{tenant_id}", get(get_tenant))
+        .route("/v1/tenant/{tenant_id}", get(get_tenant).delete(delete_tenant))
+        .route("/v1/tenant/{tenant_id}/config", get(get_tenant_config).put(set_tenant_config))
         .route("/v1/tenant/{tenant_id}/attach", post(attach_tenant))
         .route("/v1/tenant/{tenant_id}/timeline", get(list_timelines).post(create_timeline))
-        .route("/v1/tenant/{tenant_id}/timeline/{timeline_id}", get(get_timeline))
+        .route("/v1/tenant/{tenant_id}/timeline/{timeline_id}", get(get_timeline).delete(delete_timeline))
+        .route("/v1/tenant/{tenant_id}/timeline/{timeline_id}/compact", put(compact))
+        .route("/v1/tenant/{tenant_id}/timeline/{timeline_id}/do_gc", put(do_gc))
         .route("/v1/tenant/{tenant_id}/timeline/{timeline_id}/checkpoint", put(checkpoint))
         .route("/v1/tenant/{tenant_id}/timeline/{timeline_id}/layer/{layer_name}", delete(evict_layer))
         .route("/v1/tenant/{tenant_id}/timeline/{timeline_id}/get_lsn_by_timestamp", get(get_lsn_by_timestamp))
@@ -104,20 +119,98 @@ async fn create_tenant(
     body: Result<Json<TenantCreateRequest>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let Json(req) = body.map_err(|e| bad(format!("bad tenant create request: {}", e.body_text())))?;
-    if !req.config.is_empty() {
-        return Err(bad(format!(
-            "per-tenant settings are not supported yet (got {:?}); configure defaults in pageserver.toml",
-            req.config.keys().collect::<Vec<_>>()
-        )));
-    }
     let id = req.tenant_id.unwrap_or_else(TenantId::generate);
-    m.create_tenant(id)?;
+    m.create_tenant(id, req.config).await?;
     Ok((StatusCode::CREATED, Json(serde_json::json!({ "id": id }))))
 }
 
 async fn get_tenant(State(m): State<Arc<TenantManager>>, Path(t): Path<String>) -> Result<impl IntoResponse, ApiError> {
     let t = m.get_tenant(tenant_id(&t)?)?;
     Ok(Json(TenantInfo { id: t.id, timelines: t.timelines().len() }))
+}
+
+async fn delete_tenant(
+    State(m): State<Arc<TenantManager>>,
+    Path(t): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    m.delete_tenant(tenant_id(&t)?).await?;
+    Ok(StatusCode::OK)
+}
+
+fn tenant_config_json(t: &crate::tenant_mgr::Tenant) -> serde_json::Value {
+    serde_json::json!({ "tenant_specific_overrides": t.overrides(), "effective_config": t.conf().to_map() })
+}
+
+async fn get_tenant_config(
+    State(m): State<Arc<TenantManager>>,
+    Path(t): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let t = m.get_tenant(tenant_id(&t)?)?;
+    Ok(Json(tenant_config_json(&t)))
+}
+
+/// Replaces the tenant's overrides with the object given (values as strings or numbers).
+async fn set_tenant_config(
+    State(m): State<Arc<TenantManager>>,
+    Path(t): Path<String>,
+    body: Result<Json<std::collections::BTreeMap<String, serde_json::Value>>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = tenant_id(&t)?;
+    let Json(raw) = body.map_err(|e| {
+        bad(format!("bad tenant config: {}; send a JSON object like {{\"pitr_interval\": \"1h\"}}", e.body_text()))
+    })?;
+    let mut overrides = std::collections::BTreeMap::new();
+    for (k, v) in raw {
+        let v = match v {
+            serde_json::Value::String(s) => s,
+            serde_json::Value::Number(n) => n.to_string(),
+            other => return Err(bad(format!("{k}: expected a string or a number, got {other}"))),
+        };
+        overrides.insert(k, v);
+    }
+    m.set_tenant_config(id, overrides).await?;
+    let tenant = m.get_tenant(id)?;
+    Ok(Json(tenant_config_json(&tenant)))
+}
+
+async fn delete_timeline(
+    State(m): State<Arc<TenantManager>>,
+    Path((t, tl)): Path<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    m.delete_timeline(tenant_id(&t)?, timeline_id(&tl)?).await?;
+    Ok(StatusCode::OK)
+}
+
+/// `?force=true`: compact any two L0s and create images wherever a delta lies above them.
+async fn compact(
+    State(m): State<Arc<TenantManager>>,
+    Path((t, tl)): Path<(String, String)>,
+    query: Result<Query<std::collections::HashMap<String, String>>, QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let tl = m.get_timeline(tenant_id(&t)?, timeline_id(&tl)?)?;
+    let Query(params) = query.map_err(|e| bad(format!("bad query string: {}", e.body_text())))?;
+    let force = match params.get("force").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => return Err(bad(format!("force={other}: use true or false"))),
+    };
+    let result = tokio::task::spawn_blocking(move || tl.compact(force))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(result))
+}
+
+async fn do_gc(
+    State(m): State<Arc<TenantManager>>,
+    Path((t, tl)): Path<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    let tl = m.get_timeline(tenant_id(&t)?, timeline_id(&tl)?)?;
+    let result = tokio::task::spawn_blocking(move || tl.gc(std::time::SystemTime::now()))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(result))
 }
 
 async fn list_timelines(

@@ -8,7 +8,11 @@
 //!   `readonly` in place of `prev_lsn` serves any LSN to a compute that never writes WAL;
 //! - `basebackup <tenant_id> <timeline_id> standby [min_lsn]`: a hot standby's start tarball, at
 //!   the timeline's latest running-xacts record once `min_lsn` is ingested (see
-//!   `basebackup::write_standby_basebackup`).
+//!   `basebackup::write_standby_basebackup`);
+//! - `lease lsn <tenant_id> <timeline_id> <lsn>`: keep the history at `lsn` readable for the
+//!   tenant's `lsn_lease_length` (GC leaves it alone); one row, `valid_until` in Unix
+//!   milliseconds. A compute leases its start LSN and renews the lease while it runs; a
+//!   basebackup leases its LSN too.
 //!
 //! `prev_lsn` is the start of the record ending at `lsn` (the backup's checkpoint record's
 //! `xl_prev`). The timeline knows it at its last record LSN and at the end of every commit
@@ -28,7 +32,7 @@ use futures::stream::{FuturesOrdered, StreamExt};
 use pageserver_api::pagestream::{PagestreamRequest, PagestreamResponse, RelTagWire, SlruKind as WireSlruKind};
 use postgres_ffi::slru::SlruKind;
 use postgres_ffi::RelTag;
-use pq_proto::{CopyMessage, PostgresBackend, QueryError, QueryHandler, SqlState, UserError};
+use pq_proto::{CopyMessage, FieldDescription, PostgresBackend, QueryError, QueryHandler, SqlState, UserError};
 use tracing::{debug, error};
 use utils::{Lsn, TenantId, TimelineId};
 
@@ -80,6 +84,16 @@ impl QueryHandler for PageServiceHandler {
                 }
                 standby_basebackup(pgb, tl).await
             }
+            ["lease", "lsn", tenant, timeline, lsn] => {
+                let tl = self.timeline(tenant, timeline)?;
+                let lsn = lsn.parse::<Lsn>().map_err(|e| user_err(SqlState::INVALID_PARAMETER_VALUE, e.to_string()))?;
+                let until = tl
+                    .lease_lsn(lsn, tl.conf().lsn_lease_length)
+                    .map_err(|e| user_err(SqlState::INVALID_PARAMETER_VALUE, e.to_string()))?;
+                let millis = until.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+                pgb.write_row_set(&[FieldDescription::text("valid_until")], [[Some(millis.to_string())]]).await?;
+                Ok(())
+            }
             [cmd @ ("basebackup" | "fullbackup"), tenant, timeline, rest @ ..] if rest.len() <= 2 => {
                 let tl = self.timeline(tenant, timeline)?;
                 let parse = |s: &str| {
@@ -103,7 +117,7 @@ impl QueryHandler for PageServiceHandler {
             _ => Err(user_err(
                 SqlState::FEATURE_NOT_SUPPORTED,
                 format!(
-                    "pageserver does not understand '{}': use pagestream, basebackup or fullbackup <tenant_id> <timeline_id> [lsn [prev_lsn]], or basebackup <tenant_id> <timeline_id> standby [min_lsn]",
+                    "pageserver does not understand '{}': use pagestream, basebackup or fullbackup <tenant_id> <timeline_id> [lsn [prev_lsn]], basebackup <tenant_id> <timeline_id> standby [min_lsn], or lease lsn <tenant_id> <timeline_id> <lsn>",
                     query.chars().take(80).collect::<String>()
                 ),
             )),
@@ -247,6 +261,9 @@ async fn basebackup(
         }
         None => tl.get_last_record_lsn(),
     };
+    // The compute will read at this LSN: keep it readable until its compute_ctl renews the lease.
+    tl.lease_lsn(lsn, tl.conf().lsn_lease_length)
+        .map_err(|e| user_err(SqlState::INVALID_PARAMETER_VALUE, format!("basebackup at {lsn}: {e}")))?;
     let tl_id = tl.timeline_id();
     let tar: Vec<u8> = tokio::task::spawn_blocking(move || {
         // Known at the last record and at commit ends (e.g. an LSN from get_lsn_by_timestamp).

@@ -542,6 +542,50 @@ impl Timeline {
         self.get_optional(Key::checkpoint(), lsn)?.ok_or_else(|| self.not_found("checkpoint".to_string(), lsn))
     }
 
+    /// Every key that holds data at `lsn`, as sorted, non-overlapping key ranges (each one key,
+    /// or blocks of one relation fork or SLRU segment): what an image
+    /// layer at `lsn` must contain. Keys outside it (blocks of dropped or truncated relations,
+    /// removed SLRU segments) are garbage: an image layer leaves them out and, once GC drops the
+    /// older layers, they are gone. The ranges may include keys that were never written (a
+    /// metadata key not set yet, an SLRU page never written); readers skip those.
+    pub fn collect_keyspace(&self, lsn: Lsn) -> Result<Vec<crate::key::KeyRange>, DatadirError> {
+        use crate::key::KeyRange;
+        let mut ranges: Vec<KeyRange> = vec![KeyRange::single(Key::dbdir())];
+        for (spcnode, dbnode) in self.list_dbdirs(lsn)? {
+            ranges.push(KeyRange::single(Key::relmap_file(spcnode, dbnode)));
+            ranges.push(KeyRange::single(Key::rel_dir(spcnode, dbnode)));
+            for rel in self.list_rels(spcnode, dbnode, lsn)? {
+                let nblocks = self.get_rel_size(rel, lsn)?;
+                if nblocks > 0 {
+                    ranges.push(KeyRange::new(Key::rel_block(rel, 0), Key::rel_block(rel, nblocks)));
+                }
+                ranges.push(KeyRange::single(Key::rel_size(rel)));
+            }
+        }
+        for kind in [SlruKind::Clog, SlruKind::MultiXactOffsets, SlruKind::MultiXactMembers] {
+            ranges.push(KeyRange::single(Key::slru_dir(kind)));
+            for segno in self.list_slru_segments(kind, lsn)? {
+                let nblocks = self.get_slru_segment_size(kind, segno, lsn)?;
+                if nblocks > 0 {
+                    ranges.push(KeyRange::new(Key::slru_block(kind, segno, 0), Key::slru_block(kind, segno, nblocks)));
+                }
+                ranges.push(KeyRange::single(Key::slru_segment_size(kind, segno)));
+            }
+        }
+        ranges.push(KeyRange::single(Key::twophase_dir()));
+        for xid in self.list_twophase_files(lsn)? {
+            ranges.push(KeyRange::single(Key::twophase_file(xid)));
+        }
+        for key in [Key::controlfile(), Key::checkpoint(), Key::last_commit(), Key::standby_start()] {
+            ranges.push(KeyRange::single(key));
+        }
+        // Each range is one key or a run of blocks of one relation fork or SLRU segment; they
+        // are kept apart (not merged when adjacent) so every range stays within one key prefix.
+        ranges.sort_by_key(|r| (r.start, r.end));
+        ranges.dedup();
+        Ok(ranges)
+    }
+
     /// The latest commit at or below `lsn` (here or in an ancestor); `None` before any commit.
     /// The latest running-xacts record at or below `lsn`, where a hot standby can start.
     pub fn get_standby_start(&self, lsn: Lsn) -> Result<Option<StandbyStart>, DatadirError> {

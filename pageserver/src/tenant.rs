@@ -9,6 +9,7 @@
 //! configuration, background flush/compaction/GC loops) comes later; today callers create and
 //! load timelines directly.
 
+pub mod config;
 pub mod metadata;
 pub mod remote;
 pub mod timeline;

@@ -1,10 +1,17 @@
 //! All tenants of this pageserver and their timelines: loading them at start (ancestors before
-//! children), creating tenants, bootstrapping timelines with initdb, branching, and starting a
-//! WAL receiver for every timeline.
+//! children), creating tenants (with their settings) and deleting them, bootstrapping timelines
+//! with initdb, branching, deleting timelines, starting a WAL receiver for every timeline, and
+//! the background compaction and GC loop.
+//!
+//! **Deletion** is resumable: a `deleted` marker file is written (fsync'd) into the timeline's
+//! (or tenant's) directory first; then the remote index goes (so no attach or restore brings
+//! the timeline back), then every other remote object under its prefix, then the local
+//! directory. A start that finds a marker finishes the deletion instead of loading.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -12,9 +19,10 @@ use utils::{Lsn, TenantId, TimelineId};
 
 use crate::config::PageServerConf;
 use crate::import_datadir::bootstrap_timeline;
+use crate::tenant::config::{TenantConf, TENANT_CONFIG_FILE_NAME};
 use crate::tenant::metadata::load_metadata;
-use crate::tenant::remote::{download, IndexPart};
-use crate::tenant::timeline::{Timeline, TimelineResources, TENANTS_DIR_NAME, TIMELINES_DIR_NAME};
+use crate::tenant::remote::{download, remote_tenant_path, remote_timeline_path, IndexPart};
+use crate::tenant::timeline::{SharedTenantConf, Timeline, TimelineResources, TENANTS_DIR_NAME, TIMELINES_DIR_NAME};
 use crate::walreceiver;
 
 #[derive(Debug, thiserror::Error)]
@@ -31,14 +39,29 @@ pub enum TenantMgrError {
     Internal(String),
 }
 
+/// Marker file of a timeline or tenant directory whose deletion has begun.
+pub const DELETED_MARKER_FILE_NAME: &str = "deleted";
+
 pub struct Tenant {
     pub id: TenantId,
     timelines: RwLock<BTreeMap<TimelineId, Arc<Timeline>>>,
+    /// The effective settings, shared with every timeline of the tenant.
+    conf: SharedTenantConf,
+    /// The settings this tenant overrides (what `config.json` holds).
+    overrides: Mutex<BTreeMap<String, String>>,
 }
 
 impl Tenant {
     pub fn timelines(&self) -> Vec<Arc<Timeline>> {
         self.timelines.read().expect("lock").values().cloned().collect()
+    }
+
+    pub fn conf(&self) -> TenantConf {
+        self.conf.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn overrides(&self) -> BTreeMap<String, String> {
+        self.overrides.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -47,6 +70,10 @@ pub struct TenantManager {
     resources: TimelineResources,
     tenants: RwLock<HashMap<TenantId, Arc<Tenant>>>,
     shutdown: CancellationToken,
+    /// Stops the WAL receiver of a timeline (when it is deleted).
+    walreceivers: Mutex<HashMap<(TenantId, TimelineId), CancellationToken>>,
+    /// Serialises timeline and tenant creation and deletion.
+    lifecycle: tokio::sync::Mutex<()>,
 }
 
 impl TenantManager {
@@ -62,7 +89,14 @@ impl TenantManager {
         resources: TimelineResources,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
-        let mgr = Arc::new(TenantManager { conf, resources, tenants: RwLock::new(HashMap::new()), shutdown });
+        let mgr = Arc::new(TenantManager {
+            conf,
+            resources,
+            tenants: RwLock::new(HashMap::new()),
+            shutdown,
+            walreceivers: Mutex::new(HashMap::new()),
+            lifecycle: tokio::sync::Mutex::new(()),
+        });
         let dir = mgr.tenants_dir();
         std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
         if let Some(storage) = &mgr.resources.remote_storage {
@@ -82,16 +116,228 @@ impl TenantManager {
         for entry in std::fs::read_dir(&dir)? {
             let entry = entry?;
             let Ok(tenant_id) = entry.file_name().to_string_lossy().parse::<TenantId>() else { continue };
+            if entry.path().join(DELETED_MARKER_FILE_NAME).exists() {
+                info!("tenant {tenant_id}: finishing a deletion that was interrupted");
+                if let Err(e) = mgr.finish_tenant_deletion(tenant_id).await {
+                    tracing::error!("{e}");
+                }
+                continue;
+            }
+            mgr.finish_timeline_deletions(tenant_id, &entry.path()).await;
             let indexes = mgr.remote_indexes(tenant_id).await;
-            let tenant = mgr.load_tenant(tenant_id, &entry.path(), &indexes)?;
-            mgr.tenants.write().expect("lock").insert(tenant_id, tenant);
+            match mgr.load_tenant(tenant_id, &entry.path(), &indexes) {
+                Ok(tenant) => {
+                    mgr.tenants.write().expect("lock").insert(tenant_id, tenant);
+                }
+                Err(e) => tracing::error!("tenant {tenant_id} not loaded: {e:#}"),
+            }
         }
         for tenant in mgr.list_tenants() {
             for tl in tenant.timelines() {
                 mgr.start_walreceiver(&tl);
             }
         }
+        tokio::spawn(Arc::clone(&mgr).background_jobs());
         Ok(mgr)
+    }
+
+    /// The tenant's overrides from `config.json` (none if the file is missing).
+    fn read_overrides(tenant_dir: &Path) -> anyhow::Result<BTreeMap<String, String>> {
+        let path = tenant_dir.join(TENANT_CONFIG_FILE_NAME);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                anyhow::anyhow!("{}: {e}; fix or remove the file (the tenant then uses the defaults)", path.display())
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(e) => Err(anyhow::anyhow!("reading {}: {e}", path.display())),
+        }
+    }
+
+    /// Saves `overrides` as the tenant's `config.json` atomically (temp file, fsync, rename,
+    /// directory fsync), and in remote storage beside its timelines so an attach gets them.
+    async fn save_overrides(&self, tenant_id: TenantId, overrides: &BTreeMap<String, String>) -> anyhow::Result<()> {
+        let dir = self.tenants_dir().join(tenant_id.to_string());
+        let bytes = serde_json::to_vec_pretty(overrides)?;
+        let (dir2, bytes2) = (dir.clone(), bytes.clone());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            use std::io::Write;
+            std::fs::create_dir_all(&dir2)?;
+            let temp = dir2.join(format!("{TENANT_CONFIG_FILE_NAME}.tmp"));
+            let mut f = std::fs::File::create(&temp)?;
+            f.write_all(&bytes2)?;
+            f.sync_all()?;
+            std::fs::rename(&temp, dir2.join(TENANT_CONFIG_FILE_NAME))?;
+            std::fs::File::open(&dir2)?.sync_all()?;
+            Ok(())
+        })
+        .await??;
+        if let Some(storage) = &self.resources.remote_storage {
+            let path = remote_tenant_path(tenant_id).join(TENANT_CONFIG_FILE_NAME)?;
+            remote_storage::RemoteStorage::put_bytes(storage, &path, bytes.into())
+                .await
+                .map_err(|e| anyhow::anyhow!("uploading the config of tenant {tenant_id}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// The tenant's effective settings: the pageserver defaults with `overrides` applied.
+    fn tenant_conf(&self, overrides: &BTreeMap<String, String>) -> Result<TenantConf, TenantMgrError> {
+        self.conf.default_tenant_conf.with_overrides(overrides).map_err(TenantMgrError::BadRequest)
+    }
+
+    /// Replaces the tenant's overrides (and so its settings) with `overrides`.
+    pub async fn set_tenant_config(
+        &self,
+        tenant_id: TenantId,
+        overrides: BTreeMap<String, String>,
+    ) -> Result<TenantConf, TenantMgrError> {
+        let tenant = self.get_tenant(tenant_id)?;
+        let conf = self.tenant_conf(&overrides)?;
+        self.save_overrides(tenant_id, &overrides)
+            .await
+            .map_err(|e| TenantMgrError::Internal(format!("saving the config of tenant {tenant_id}: {e:#}")))?;
+        *tenant.conf.write().unwrap_or_else(|p| p.into_inner()) = conf.clone();
+        *tenant.overrides.lock().unwrap_or_else(|p| p.into_inner()) = overrides;
+        info!("tenant {tenant_id}: config set to {:?}", conf.to_map());
+        Ok(conf)
+    }
+
+    /// Compaction and GC of every timeline, each when its tenant's period has passed. Runs
+    /// until shutdown; a failure is logged and retried at the next period.
+    async fn background_jobs(self: Arc<Self>) {
+        let mut last_compaction: HashMap<TimelineId, Instant> = HashMap::new();
+        let mut last_gc: HashMap<TimelineId, Instant> = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            for tenant in self.list_tenants() {
+                let conf = tenant.conf();
+                for tl in tenant.timelines() {
+                    let id = tl.timeline_id();
+                    let due = |last: Option<&Instant>, period: Duration| {
+                        !period.is_zero() && last.is_none_or(|t| t.elapsed() >= period)
+                    };
+                    if due(last_compaction.get(&id), conf.compaction_period) {
+                        last_compaction.insert(id, Instant::now());
+                        let tl2 = Arc::clone(&tl);
+                        match tokio::task::spawn_blocking(move || tl2.compact(false)).await {
+                            Ok(Ok(_)) => {}
+                            Ok(Err(e)) => warn!("compaction of {}/{id} failed: {e}", tenant.id),
+                            Err(e) => warn!("compaction of {}/{id} panicked: {e}", tenant.id),
+                        }
+                    }
+                    if due(last_gc.get(&id), conf.gc_period) {
+                        last_gc.insert(id, Instant::now());
+                        let tl2 = Arc::clone(&tl);
+                        match tokio::task::spawn_blocking(move || tl2.gc(SystemTime::now())).await {
+                            Ok(Ok(_)) => {}
+                            Ok(Err(e)) => warn!("gc of {}/{id} failed: {e}", tenant.id),
+                            Err(e) => warn!("gc of {}/{id} panicked: {e}", tenant.id),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Finishes the deletion of every timeline of the tenant that has a deletion marker.
+    async fn finish_timeline_deletions(&self, tenant_id: TenantId, tenant_dir: &Path) {
+        let Ok(entries) = std::fs::read_dir(tenant_dir.join(TIMELINES_DIR_NAME)) else { return };
+        for entry in entries.flatten() {
+            let Ok(timeline_id) = entry.file_name().to_string_lossy().parse::<TimelineId>() else { continue };
+            if entry.path().join(DELETED_MARKER_FILE_NAME).exists() {
+                info!("timeline {tenant_id}/{timeline_id}: finishing a deletion that was interrupted");
+                if let Err(e) = self.delete_timeline_data(tenant_id, timeline_id).await {
+                    tracing::error!("{e}");
+                }
+            }
+        }
+    }
+
+    /// Deletes a timeline that has no child branches: stops its WAL receiver and uploads, then
+    /// removes its remote objects and local directory (see the module docs). Repeating it
+    /// after a crash midway (or at the next start) finishes the job.
+    pub async fn delete_timeline(&self, tenant_id: TenantId, timeline_id: TimelineId) -> Result<(), TenantMgrError> {
+        let _lifecycle = self.lifecycle.lock().await;
+        let tenant = self.get_tenant(tenant_id)?;
+        let tl = self.get_timeline(tenant_id, timeline_id)?;
+        let children: Vec<String> = tenant
+            .timelines()
+            .iter()
+            .filter(|t| t.metadata().ancestor_timeline == Some(timeline_id))
+            .map(|t| t.timeline_id().to_string())
+            .collect();
+        if !children.is_empty() {
+            return Err(TenantMgrError::BadRequest(format!(
+                "timeline {timeline_id} has child branches {}; delete them first",
+                children.join(", ")
+            )));
+        }
+        write_marker(tl.dir()).map_err(TenantMgrError::Internal)?;
+        tenant.timelines.write().expect("lock").remove(&timeline_id);
+        if let Some(stop) = self.walreceivers.lock().expect("lock").remove(&(tenant_id, timeline_id)) {
+            stop.cancel();
+        }
+        if let Some(ancestor) = tl.ancestor() {
+            ancestor.forget_child(timeline_id);
+        }
+        if let Some(remote) = tl.remote_client() {
+            remote.stop().await;
+        }
+        drop(tl);
+        self.delete_timeline_data(tenant_id, timeline_id).await
+    }
+
+    /// The remote objects (index first) and the local directory of a timeline being deleted.
+    async fn delete_timeline_data(&self, tenant_id: TenantId, timeline_id: TimelineId) -> Result<(), TenantMgrError> {
+        if let Some(storage) = &self.resources.remote_storage {
+            let index = crate::tenant::remote::remote_index_path(tenant_id, timeline_id);
+            remote_storage::RemoteStorage::delete(storage, &index).await.map_err(|e| {
+                TenantMgrError::Internal(format!(
+                    "deleting the remote index of timeline {tenant_id}/{timeline_id}: {e}; retry the deletion"
+                ))
+            })?;
+            delete_remote_prefix(storage, &remote_timeline_path(tenant_id, timeline_id))
+                .await
+                .map_err(|e| TenantMgrError::Internal(format!("timeline {tenant_id}/{timeline_id}: {e:#}")))?;
+        }
+        let dir = crate::tenant::timeline::timeline_path(&self.conf.workdir, tenant_id, timeline_id);
+        remove_dir_durably(&dir).await.map_err(TenantMgrError::Internal)?;
+        info!("deleted timeline {tenant_id}/{timeline_id}");
+        Ok(())
+    }
+
+    /// Deletes a tenant: every timeline (children first), its remote prefix and its directory.
+    pub async fn delete_tenant(&self, tenant_id: TenantId) -> Result<(), TenantMgrError> {
+        let tenant = self.get_tenant(tenant_id)?;
+        let dir = self.tenants_dir().join(tenant_id.to_string());
+        write_marker(&dir).map_err(TenantMgrError::Internal)?;
+        loop {
+            let timelines = tenant.timelines();
+            let Some(leaf) = timelines
+                .iter()
+                .find(|t| !timelines.iter().any(|c| c.metadata().ancestor_timeline == Some(t.timeline_id())))
+            else {
+                break;
+            };
+            self.delete_timeline(tenant_id, leaf.timeline_id()).await?;
+        }
+        self.tenants.write().expect("lock").remove(&tenant_id);
+        self.finish_tenant_deletion(tenant_id).await
+    }
+
+    async fn finish_tenant_deletion(&self, tenant_id: TenantId) -> Result<(), TenantMgrError> {
+        let _lifecycle = self.lifecycle.lock().await;
+        if let Some(storage) = &self.resources.remote_storage {
+            delete_remote_prefix(storage, &remote_tenant_path(tenant_id))
+                .await
+                .map_err(|e| TenantMgrError::Internal(format!("tenant {tenant_id}: {e:#}; retry the deletion")))?;
+        }
+        remove_dir_durably(&self.tenants_dir().join(tenant_id.to_string())).await.map_err(TenantMgrError::Internal)?;
+        info!("deleted tenant {tenant_id}");
+        Ok(())
     }
 
     /// Loads the timelines in `tenant_dir` (`<workdir>/tenants/<tenant>`), ancestors first.
@@ -111,7 +357,15 @@ impl TenantManager {
         tenant_dir: &std::path::Path,
         indexes: &HashMap<TimelineId, IndexPart>,
     ) -> anyhow::Result<Arc<Tenant>> {
-        let tenant = Arc::new(Tenant { id: tenant_id, timelines: RwLock::new(BTreeMap::new()) });
+        let overrides = Self::read_overrides(tenant_dir)?;
+        let conf = self.tenant_conf(&overrides).map_err(|e| anyhow::anyhow!("tenant {tenant_id} config: {e}"))?;
+        let tenant = Arc::new(Tenant {
+            id: tenant_id,
+            timelines: RwLock::new(BTreeMap::new()),
+            conf: Arc::new(RwLock::new(conf)),
+            overrides: Mutex::new(overrides),
+        });
+        let resources = TimelineResources { conf: Arc::clone(&tenant.conf), ..self.resources.clone() };
         let tl_dir = tenant_dir.join(TIMELINES_DIR_NAME);
         let mut pending: BTreeMap<TimelineId, (PathBuf, Option<TimelineId>)> = BTreeMap::new();
         if tl_dir.exists() {
@@ -139,7 +393,7 @@ impl TenantManager {
             for id in ready {
                 let (path, anc) = pending.remove(&id).expect("listed");
                 let ancestor = anc.map(|a| tenant.timelines.read().expect("lock")[&a].clone());
-                match Timeline::load_with_remote_index(&path, ancestor, self.resources.clone(), indexes.get(&id)) {
+                match Timeline::load_with_remote_index(&path, ancestor, resources.clone(), indexes.get(&id)) {
                     Ok(tl) => {
                         tenant.timelines.write().expect("lock").insert(id, tl);
                     }
@@ -218,7 +472,9 @@ impl TenantManager {
             warn!("no safekeepers configured: timeline {}/{} will not receive WAL", tl.tenant_id(), tl.timeline_id());
             return;
         }
-        tokio::spawn(walreceiver::run(tl.clone(), self.conf.safekeepers.clone(), self.shutdown.child_token()));
+        let stop = self.shutdown.child_token();
+        self.walreceivers.lock().expect("lock").insert((tl.tenant_id(), tl.timeline_id()), stop.clone());
+        tokio::spawn(walreceiver::run(tl.clone(), self.conf.safekeepers.clone(), stop));
     }
 
     pub fn list_tenants(&self) -> Vec<Arc<Tenant>> {
@@ -239,16 +495,33 @@ impl TenantManager {
             .ok_or(TenantMgrError::TimelineNotFound(tenant_id, timeline_id))
     }
 
-    pub fn create_tenant(&self, id: TenantId) -> Result<Arc<Tenant>, TenantMgrError> {
-        let mut map = self.tenants.write().expect("lock");
-        if map.contains_key(&id) {
+    /// Creates a tenant with `overrides` of the default settings (validated first: a bad key or
+    /// value creates nothing).
+    pub async fn create_tenant(
+        &self,
+        id: TenantId,
+        overrides: BTreeMap<String, String>,
+    ) -> Result<Arc<Tenant>, TenantMgrError> {
+        let _lifecycle = self.lifecycle.lock().await;
+        let conf = self.tenant_conf(&overrides)?;
+        if self.tenants.read().expect("lock").contains_key(&id) {
             return Err(TenantMgrError::AlreadyExists(format!("tenant {id}")));
         }
         let dir = self.tenants_dir().join(id.to_string()).join(TIMELINES_DIR_NAME);
         std::fs::create_dir_all(&dir)
             .map_err(|e| TenantMgrError::Internal(format!("creating {}: {e}", dir.display())))?;
-        let t = Arc::new(Tenant { id, timelines: RwLock::new(BTreeMap::new()) });
-        map.insert(id, t.clone());
+        if !overrides.is_empty() {
+            self.save_overrides(id, &overrides)
+                .await
+                .map_err(|e| TenantMgrError::Internal(format!("saving the config of tenant {id}: {e:#}")))?;
+        }
+        let t = Arc::new(Tenant {
+            id,
+            timelines: RwLock::new(BTreeMap::new()),
+            conf: Arc::new(RwLock::new(conf)),
+            overrides: Mutex::new(overrides),
+        });
+        self.tenants.write().expect("lock").insert(id, t.clone());
         info!("created tenant {id}");
         Ok(t)
     }
@@ -262,6 +535,7 @@ impl TenantManager {
         new_timeline_id: TimelineId,
         ancestor: Option<(TimelineId, Option<Lsn>)>,
     ) -> Result<Arc<Timeline>, TenantMgrError> {
+        let _lifecycle = self.lifecycle.lock().await;
         let tenant = self.get_tenant(tenant_id)?;
         if tenant.timelines.read().expect("lock").contains_key(&new_timeline_id) {
             return Err(TenantMgrError::AlreadyExists(format!("timeline {new_timeline_id} on tenant {tenant_id}")));
@@ -280,7 +554,7 @@ impl TenantManager {
                     self.conf.workdir.clone(),
                     self.conf.pg_install_dir.clone(),
                     self.conf.superuser.clone(),
-                    self.resources.clone(),
+                    TimelineResources { conf: Arc::clone(&tenant.conf), ..self.resources.clone() },
                 );
                 tokio::task::spawn_blocking(move || {
                     bootstrap_timeline(&workdir, tenant_id, new_timeline_id, &pg, &su, res)
@@ -306,4 +580,51 @@ impl TenantManager {
             }
         }
     }
+}
+
+/// Writes the deletion marker into `dir` durably.
+fn write_marker(dir: &Path) -> Result<(), String> {
+    let marker = dir.join(DELETED_MARKER_FILE_NAME);
+    std::fs::File::create(&marker)
+        .and_then(|f| f.sync_all())
+        .and_then(|()| std::fs::File::open(dir)?.sync_all())
+        .map_err(|e| format!("writing the deletion marker {}: {e}", marker.display()))
+}
+
+/// Removes `dir` and everything in it, then fsyncs its parent; a missing `dir` is fine.
+async fn remove_dir_durably(dir: &Path) -> Result<(), String> {
+    match tokio::fs::remove_dir_all(dir).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("removing {}: {e}; retry the deletion", dir.display())),
+    }
+    if let Some(parent) = dir.parent() {
+        std::fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| format!("fsyncing {}: {e}", parent.display()))?;
+    }
+    Ok(())
+}
+
+/// Deletes every remote object under `prefix`.
+async fn delete_remote_prefix(
+    storage: &remote_storage::GenericRemoteStorage,
+    prefix: &remote_storage::RemotePath,
+) -> anyhow::Result<()> {
+    use remote_storage::{ListingMode, RemoteStorage};
+    let listing = storage
+        .list(Some(prefix), ListingMode::NoDelimiter, None)
+        .await
+        .map_err(|e| anyhow::anyhow!("listing {prefix} in remote storage: {e}"))?;
+    // The listing prefix is a plain string prefix: keep to this directory, not a sibling whose
+    // name merely starts the same.
+    let dir = format!("{}/", prefix.as_str());
+    let keys: Vec<_> = listing.keys.into_iter().filter(|k| k.as_str().starts_with(&dir)).collect();
+    if !keys.is_empty() {
+        storage
+            .delete_many(&keys)
+            .await
+            .map_err(|e| anyhow::anyhow!("deleting {} objects under {prefix}: {e}", keys.len()))?;
+    }
+    Ok(())
 }

@@ -25,6 +25,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::time::Duration;
 
 use pageserver::import_datadir::{bootstrap_timeline, import_datadir, postgres_command, read_control_file, PgOsUser};
 use pageserver::key::Key;
@@ -285,7 +286,14 @@ fn ingest_matches_postgres() {
     let workdir = tempfile::tempdir().expect("workdir");
     let (cf, _) = read_control_file(&datadir).expect("pg_control");
     let import_lsn = cf.checkpoint;
-    let conf = TenantConf { checkpoint_distance_bytes: 8 << 20, ..TenantConf::default() };
+    // GC settings for the compaction/GC check at the end: keep nothing below the last LSN.
+    let conf = TenantConf {
+        checkpoint_distance_bytes: 8 << 20,
+        gc_horizon_bytes: 0,
+        pitr_interval: Duration::ZERO,
+        lsn_lease_length: Duration::ZERO,
+        ..TenantConf::default()
+    };
     // Ingest reads pages too (a VM page it rebuilds on truncation): the real redo behind it.
     let real_redo = common::RealRedo::start(&install);
     let resources = TimelineResources::new(conf, Arc::new(real_redo.applier()));
@@ -531,6 +539,90 @@ fn ingest_matches_postgres() {
          ({exceptions} FSM-only differences); {compared} pages compared ({raw_equal} equal before masking), {skipped_not_image} need redo, \
          {skipped_other_image} other images; {:?}",
         image_lsns.len(),
+        started.elapsed()
+    );
+
+    compaction_and_gc_keep_every_value(&tl, lsn, *copy_lsns.iter().next().expect("a FILE_COPY record"));
+}
+
+/// Compaction and GC must not change any value at or above the cutoff, nor at a child's branch
+/// point: fingerprint every key of the key space (at the last LSN, and at `mid` through a branch
+/// there), compact (forced: L0s into L1s, images everywhere), collect with the cutoff at the
+/// last LSN, and compare; then reads below the cutoff fail, and a reload sees the same values.
+fn compaction_and_gc_keep_every_value(tl: &Arc<Timeline>, lsn: Lsn, mid: Lsn) {
+    use pageserver::key::Key;
+    let started = std::time::Instant::now();
+    let fingerprint = |tl: &Timeline, at: Lsn| -> BTreeMap<Key, bytes::Bytes> {
+        let mut out = BTreeMap::new();
+        for range in tl.collect_keyspace(at).expect("keyspace") {
+            let mut key = range.start;
+            while key < range.end {
+                match tl.get(key, at) {
+                    Ok(v) => {
+                        out.insert(key, v);
+                    }
+                    Err(e) if e.is_missing() => {}
+                    Err(e) => panic!("{e}"),
+                }
+                key = key.next();
+            }
+        }
+        out
+    };
+    let before = fingerprint(tl, lsn);
+    let before_mid = fingerprint(tl, mid);
+    assert!(before.len() > 1000, "only {} keys", before.len());
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let child_id = utils::TimelineId([0x33; 16]);
+    let child = rt.block_on(tl.branch(child_id, mid, Duration::from_secs(5))).expect("branch at mid");
+    let layers_before = tl.historic_layers();
+    let bytes_before: u64 = layers_before.iter().map(|l| l.file_size_bytes).sum();
+
+    let c = tl.compact(true).expect("compact");
+    assert!(c.l0_compacted >= 2 && c.l1_created >= 1, "{c:?}");
+    assert!(c.images_created >= 1 && c.image_keys >= before.len() as u64 / 2, "{c:?}");
+    // The merged L0s are gone (a database smaller than compaction_target_size becomes one delta
+    // over the whole key space, itself an L0 for the next compaction).
+    let deltas = |layers: &[pageserver::layer::PersistentLayerDesc]| layers.iter().filter(|l| l.is_delta()).count();
+    assert_eq!(deltas(&tl.historic_layers()), deltas(&layers_before) - c.l0_compacted + c.l1_created);
+    let names: Vec<_> = tl.historic_layers().iter().map(|l| (l.layer_name(), true)).collect();
+    assert!(pageserver::tenant::timeline::redundant_layers(&names).is_empty(), "compaction left redundant layers");
+    assert!(fingerprint(tl, lsn) == before, "compaction changed a value");
+
+    // The branch at `mid` needs the history below the image at the cutoff: GC keeps it.
+    let g = tl.gc(std::time::SystemTime::now()).expect("gc");
+    assert_eq!(g.cutoff, lsn, "{g:?}");
+    assert_eq!(g.retained_branch_points, [mid]);
+    assert!(fingerprint(tl, lsn) == before, "GC changed a value at the cutoff");
+    assert!(fingerprint(&child, mid) == before_mid, "GC changed a value at a branch point");
+    let below = tl.get(Key::checkpoint(), Lsn(lsn.0 - 8)).expect_err("a read below the cutoff");
+    assert!(below.to_string().contains("garbage-collection cutoff"), "{below}");
+
+    // Without the branch, the deltas below the image at the cutoff go.
+    tl.forget_child(child_id);
+    drop(child);
+    let g = tl.gc(std::time::SystemTime::now()).expect("gc without the branch");
+    assert!(g.retained_branch_points.is_empty() && g.layers_removed >= 1, "{g:?}");
+    let layers_after = tl.historic_layers();
+    let bytes_after: u64 = layers_after.iter().map(|l| l.file_size_bytes).sum();
+    assert!(layers_after.iter().all(|l| !l.is_delta()), "only images remain: {layers_after:?}");
+    assert!(fingerprint(tl, lsn) == before, "GC changed a value at the cutoff");
+    let again = tl.gc(std::time::SystemTime::now()).expect("second gc");
+    assert_eq!(again.layers_removed, 0, "a second GC finds nothing new: {again:?}");
+
+    // Everything is on disk as the layer map says.
+    let dir = tl.dir().to_path_buf();
+    let resources = tl.resources().clone();
+    let reloaded = Timeline::load(&dir, None, resources).expect("reload");
+    assert_eq!(reloaded.historic_layers().len(), layers_after.len());
+    assert!(fingerprint(&reloaded, lsn) == before, "values differ after a reload");
+    eprintln!(
+        "compaction + gc: {} → {} layers, {bytes_before} → {bytes_after} bytes; {} keys at the cutoff and {} at the \
+         branch point unchanged; {:?}",
+        layers_before.len(),
+        layers_after.len(),
+        before.len(),
+        before_mid.len(),
         started.elapsed()
     );
 }

@@ -185,3 +185,43 @@ def test_pageserver_refuses_a_branch_below_its_ancestors_start(started_env):
         timeout=60,
     )
     assert r.status_code == 400, f"{r.status_code}: {r.text}"
+
+
+def test_branch_below_the_retention_window_fails(neon_env):
+    """A tenant created with `-c` settings keeps little history; once GC moved its cutoff, a
+    branch or static endpoint below it is refused in one line, naming the cutoff and the fix."""
+    import requests
+
+    nl = neon_env
+    nl.run("init")
+    nl.run("start")
+    nl.fails("tenant", "create", "-c", "pitr_interval", expect="expected key=value")
+    nl.fails("tenant", "create", "-c", "pitr_intervall=1h", expect="unknown tenant setting 'pitr_intervall'")
+    settings = ["pitr_interval=0s", "gc_horizon=0", "lsn_lease_length=1s", "gc_period=0s", "compaction_period=0s"]
+    nl.run("tenant", "create", "--set-default", *[a for s in settings for a in ("-c", s)])
+    out = nl.run("tenant", "config", "-c", "pitr_interval=0s", *[a for s in settings[1:] for a in ("-c", s)]).stdout
+    assert "pitr_interval = 0s" in out and "lsn_lease_length = 1s" in out, out
+    main = nl.endpoint("main")
+    sql(main, "create table t(a int); insert into t values (1)")
+    old = lsn_int(one(main, "select pg_current_wal_insert_lsn()::text"))
+    sql(main, "insert into t select generate_series(2, 1000)")
+    nl.run("endpoint", "stop", "main")  # its lease on its start LSN runs out after 1 s
+    time.sleep(2)
+    conf = nl.config()
+    tenant = conf["default_tenant"]
+    timeline = conf["branches"][tenant]["main"]
+    ps_http = f"http://127.0.0.1:{conf['pageserver']['http_port']}"
+    # GC keeps what is not on disk yet: flush first.
+    assert requests.put(f"{ps_http}/v1/tenant/{tenant}/timeline/{timeline}/checkpoint", timeout=60).ok
+    r = requests.put(f"{ps_http}/v1/tenant/{tenant}/timeline/{timeline}/do_gc", timeout=60)
+    assert r.ok, r.text
+    cutoff = lsn_int(r.json()["cutoff"])
+    assert cutoff > old, r.json()
+    before = nl.state()
+    err = nl.fails("timeline", "branch", "--branch-name", "old", "--ancestor-start-lsn", lsn_str(old), expect="below the garbage-collection cutoff")
+    assert lsn_str(cutoff) in err and "pitr_interval" in err, err
+    nl.fails("endpoint", "create", "ro", "--lsn", lsn_str(old), expect="below the garbage-collection cutoff")
+    assert nl.state() == before
+    # At the cutoff and above, branching works.
+    nl.branch("new")
+    assert one(nl.start_endpoint("main"), "select count(*) from t") == 1000

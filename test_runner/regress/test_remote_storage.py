@@ -4,29 +4,21 @@ and serves the same data. Each test runs against LocalFs and against moto's S3 s
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 import subprocess
 import time
 import uuid
-from pathlib import Path
 
-import pytest
 import requests
 
-from fixtures.compute import Storage
 from fixtures.daemons import Daemon, wait_until
 from fixtures.pageserver import Pageserver
 from fixtures.paths import neon_bin, pg_bin, pg_install_dir
+from fixtures.remote import RemoteStorageStack, check_remote_index, checkpoint_and_upload, pg_dump, remote  # noqa: F401
 from fixtures.safekeeper import lsn_int
 
 log = logging.getLogger(__name__)
-
-S3_PREFIX = "pageserver"
-# Small layers, so that many are flushed (and uploaded) while WAL is ingested.
-CHECKPOINT_DISTANCE = "checkpoint_distance = 16777216\n"
 
 
 class NamedPageserver(Pageserver):
@@ -44,113 +36,6 @@ class NamedPageserver(Pageserver):
         self.daemon.start()
         wait_until("pageserver2 HTTP", lambda: requests.get(f"{self.http}/v1/status", timeout=1).ok)
         return self
-
-
-class LocalRemote:
-    def __init__(self, root: Path):
-        self.root = root
-
-    def conf(self) -> str:
-        return f"{CHECKPOINT_DISTANCE}[remote_storage]\nlocal_path = '{self.root}'\n"
-
-    def get(self, key: str) -> bytes:
-        return (self.root / key).read_bytes()
-
-    def sizes(self, prefix: str) -> dict[str, int]:
-        base = self.root / prefix
-        return {str(p.relative_to(self.root)): p.stat().st_size for p in base.rglob("*") if p.is_file()} if base.exists() else {}
-
-
-class S3Remote:
-    def __init__(self, s3):
-        self.s3 = s3
-        self.client = s3.client()
-
-    def conf(self) -> str:
-        return (
-            f"{CHECKPOINT_DISTANCE}[remote_storage]\nbucket_name = '{self.s3.bucket}'\nbucket_region = '{self.s3.region}'\n"
-            f"endpoint = '{self.s3.endpoint}'\nprefix_in_bucket = '{S3_PREFIX}'\n"
-        )
-
-    def get(self, key: str) -> bytes:
-        return self.client.get_object(Bucket=self.s3.bucket, Key=f"{S3_PREFIX}/{key}")["Body"].read()
-
-    def sizes(self, prefix: str) -> dict[str, int]:
-        out = {}
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.s3.bucket, Prefix=f"{S3_PREFIX}/{prefix}"):
-            for o in page.get("Contents", []):
-                out[o["Key"][len(S3_PREFIX) + 1 :]] = o["Size"]
-        return out
-
-
-@pytest.fixture(params=["local_fs", "mock_s3"])
-def remote(request, test_output_dir, monkeypatch):
-    if request.param == "local_fs":
-        return LocalRemote(test_output_dir / "remote_storage")
-    s3 = request.getfixturevalue("moto_s3")
-    # The pageserver inherits these: the standard AWS credential chain reads them.
-    for k, v in s3.env().items():
-        monkeypatch.setenv(k, v)
-    return S3Remote(s3)
-
-
-class RemoteStorageStack(Storage):
-    """`Storage` (a pageserver, the test's safekeepers, one timeline) with remote storage."""
-
-    def __init__(self, daemons, safekeepers, output_dir: Path, port_allocator, remote_conf: str):
-        self.daemons = daemons
-        self.safekeepers = safekeepers
-        self.output_dir = output_dir
-        self.ports = port_allocator
-        self.ps = Pageserver(
-            daemons, output_dir / "pageserver", port_allocator.get(), port_allocator.get(), [sk.addr for sk in safekeepers], extra_conf=remote_conf
-        ).start()
-        self.tenant_id, self.timeline_id = uuid.uuid4().hex, uuid.uuid4().hex
-        self.ps.create_tenant(self.tenant_id)
-        start_lsn = self.ps.create_timeline(self.tenant_id, self.timeline_id)["last_record_lsn"]
-        for sk in safekeepers:
-            sk.create_timeline(self.tenant_id, self.timeline_id, start_lsn)
-        daemons.allow_errors("walproposer", "Postgres ended the replication stream", "disconnected")
-
-
-def pg_dump(connstr: str) -> str:
-    out = subprocess.run([str(pg_bin("pg_dump")), "--no-sync", connstr], check=True, capture_output=True, text=True, timeout=300).stdout
-    # \\restrict / \\unrestrict carry a random key per run.
-    return "\n".join(line for line in out.splitlines() if not line.startswith(("\\restrict ", "\\unrestrict ")))
-
-
-def check_remote_index(remote, ps: Pageserver, tenant: str, timeline: str, info: dict) -> tuple[int, int]:
-    """Walks the remote index: it names exactly the local layers, and each remote object has the
-    size and SHA-256 the index gives. Returns (layers, bytes)."""
-    prefix = f"tenants/{tenant}/timelines/{timeline}"
-    index = json.loads(remote.get(f"{prefix}/index_part.json"))
-    assert index["version"] == 1 and index["tenant_id"] == tenant and index["timeline_id"] == timeline
-    assert index["metadata"]["disk_consistent_lsn"] == info["disk_consistent_lsn"]
-    assert index["metadata"]["initdb_lsn"] == info["initdb_lsn"]
-    local_dir = ps.workdir / "tenants" / tenant / "timelines" / timeline
-    local_layers = {p.name: p.stat().st_size for p in local_dir.iterdir() if p.name != "metadata"}
-    assert {name: m["file_size"] for name, m in index["layers"].items()} == local_layers
-    remote_sizes = remote.sizes(prefix)
-    total_bytes = 0
-    for name, meta in index["layers"].items():
-        key = f"{prefix}/{name}"
-        assert remote_sizes.get(key) == meta["file_size"], name
-        body = remote.get(key)
-        assert len(body) == meta["file_size"] and hashlib.sha256(body).hexdigest() == meta["sha256"], name
-        total_bytes += len(body)
-    return len(index["layers"]), total_bytes
-
-
-def checkpoint_and_upload(ps: Pageserver, tenant: str, timeline: str, safekeepers) -> dict:
-    """Waits until the pageserver has all committed WAL, checkpoints and waits for the uploads."""
-    commit = max(lsn_int(sk.timeline_status(tenant, timeline)["commit_lsn"]) for sk in safekeepers)
-    wait_until("the pageserver to ingest all committed WAL", lambda: lsn_int(ps.timeline(tenant, timeline)["last_record_lsn"]) >= commit, timeout_s=60)
-    r = requests.put(f"{ps.http}/v1/tenant/{tenant}/timeline/{timeline}/checkpoint?wait_until_uploaded=true", timeout=600)
-    assert r.ok, r.text
-    info = r.json()
-    assert info["upload_queue_len"] == 0 and info["last_upload_error"] is None, info
-    assert info["remote_consistent_lsn"] == info["disk_consistent_lsn"] == info["last_record_lsn"], info
-    return info
 
 
 SUMS = "select (select count(*) from pgbench_accounts), (select sum(abalance) from pgbench_accounts), (select count(*) from t), (select sum(id) from t)"

@@ -44,6 +44,18 @@ pub struct TimelineInfo {
     /// The latest failure of the upload at the head of the queue, while it keeps failing.
     #[serde(default)]
     pub last_upload_error: Option<String>,
+    /// Reads and branches below this LSN are refused: GC may have removed that history.
+    #[serde(default)]
+    pub latest_gc_cutoff_lsn: Lsn,
+    /// Layer files of this timeline (local and remote-only), by kind, and their bytes.
+    #[serde(default)]
+    pub layer_count: usize,
+    #[serde(default)]
+    pub l0_delta_count: usize,
+    #[serde(default)]
+    pub image_layer_count: usize,
+    #[serde(default)]
+    pub layer_bytes: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -67,36 +67,18 @@ const LAYER_TEMP_FILE_SUFFIX: &str = ".layer.tmp";
 /// Suffix of a timeline directory being created (renamed to its final name once complete).
 const TIMELINE_TEMP_DIR_SUFFIX: &str = ".___temp";
 
-/// Default `checkpoint_distance`: flush the open layer once it holds this much.
-pub const DEFAULT_CHECKPOINT_DISTANCE_BYTES: u64 = 256 * 1024 * 1024;
-/// Default `checkpoint_timeout`: flush the open layer once it is this old.
-pub const DEFAULT_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 /// Blocks in the default layer block cache (64 MiB).
 pub const DEFAULT_BLOCK_CACHE_BLOCKS: usize = 8192;
 
-/// Per-tenant settings the timeline write path uses.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TenantConf {
-    /// Freeze and flush the open in-memory layer once it holds this many bytes. Bounds the
-    /// memory and the WAL to re-ingest after a crash.
-    pub checkpoint_distance_bytes: u64,
-    /// Freeze and flush the open layer once it is this old, so a quiet timeline becomes durable.
-    pub checkpoint_timeout: Duration,
-}
+pub use crate::tenant::config::{TenantConf, DEFAULT_CHECKPOINT_DISTANCE_BYTES, DEFAULT_CHECKPOINT_TIMEOUT};
 
-impl Default for TenantConf {
-    fn default() -> Self {
-        TenantConf {
-            checkpoint_distance_bytes: DEFAULT_CHECKPOINT_DISTANCE_BYTES,
-            checkpoint_timeout: DEFAULT_CHECKPOINT_TIMEOUT,
-        }
-    }
-}
+/// A tenant's settings, shared by its timelines and replaced whole by a config change.
+pub type SharedTenantConf = Arc<RwLock<TenantConf>>;
 
 /// What a timeline shares with the rest of the tenant / process.
 #[derive(Clone)]
 pub struct TimelineResources {
-    pub conf: TenantConf,
+    pub conf: SharedTenantConf,
     /// Applies WAL records on top of images on the read path (DESIGN D5).
     pub redo: Arc<dyn RedoApplier>,
     /// Shared by every layer file the process opens.
@@ -108,7 +90,7 @@ pub struct TimelineResources {
 impl TimelineResources {
     pub fn new(conf: TenantConf, redo: Arc<dyn RedoApplier>) -> TimelineResources {
         TimelineResources {
-            conf,
+            conf: Arc::new(RwLock::new(conf)),
             redo,
             block_cache: Arc::new(BlockCache::new(DEFAULT_BLOCK_CACHE_BLOCKS)),
             remote_storage: None,
@@ -244,6 +226,13 @@ pub struct Timeline {
     children: Mutex<Vec<(TimelineId, Lsn)>>,
     /// The upload queue, when remote storage is configured.
     remote: Option<Arc<RemoteTimelineClient>>,
+    /// One compaction or GC at a time.
+    compaction_lock: Mutex<()>,
+    /// Held while GC moves the cutoff and snapshots the branch points, and while a branch or a
+    /// lease checks the cutoff and registers itself: neither can slip below a moving cutoff.
+    gc_branch_lock: Mutex<()>,
+    leases: Mutex<gc::Leases>,
+    loaded_at: Instant,
 }
 
 impl Timeline {
@@ -366,6 +355,27 @@ impl Timeline {
             }
             layers.insert_historic(Arc::new(layer));
         }
+        // A compaction that crashed midway leaves redundant layers (its inputs beside its
+        // complete output, or an incomplete output beside its inputs); the remote index may
+        // still name inputs already gone here. Decide over both, and drop the redundant ones.
+        let remote_names: Vec<LayerName> = match (remote_index, &resources.remote_storage) {
+            (Some(index), Some(_)) => index.layers.keys().filter_map(|n| n.parse::<LayerName>().ok()).collect(),
+            _ => Vec::new(),
+        };
+        let all_names: Vec<(LayerName, bool)> = layers
+            .historic_layers()
+            .map(|l| (l.desc().layer_name(), true))
+            .chain(remote_names.iter().map(|n| (n.clone(), false)))
+            .collect();
+        let redundant = compaction::redundant_layers(&all_names);
+        for name in &redundant {
+            if let Some(layer) = layers.remove_historic(name) {
+                warn!(timeline = %timeline_id, "removing layer {name}: made redundant by a compaction that did not finish");
+                let path = &layer.desc().path;
+                fs::remove_file(path).map_err(|e| TimelineError::io(path, "removing a redundant layer", e))?;
+                removed_any = true;
+            }
+        }
         if removed_any {
             fsync_dir(dir)?;
         }
@@ -392,7 +402,10 @@ impl Timeline {
                     let local_names: HashSet<&String> = local.iter().map(|(name, _)| name).collect();
                     for (name, meta) in &index.layers {
                         let Ok(layer_name) = name.parse::<LayerName>() else { continue };
-                        if local_names.contains(name) || layer_name.lsn_range().end > layers_end {
+                        if local_names.contains(name)
+                            || layer_name.lsn_range().end > layers_end
+                            || redundant.contains(&layer_name)
+                        {
                             continue;
                         }
                         let desc = PersistentLayerDesc {
@@ -422,12 +435,17 @@ impl Timeline {
                     client.schedule_layer_upload(name, path);
                 }
                 client.schedule_index_upload(&md);
+                let redundant_remote: Vec<String> =
+                    remote_names.iter().filter(|n| redundant.contains(*n)).map(|n| n.to_string()).collect();
+                if !redundant_remote.is_empty() {
+                    client.schedule_layer_deletion(redundant_remote);
+                }
                 client.launch();
                 Some(client)
             }
         };
         let record = RecordLsn { last: md.disk_consistent_lsn, prev: md.prev_record_lsn };
-        Ok(Arc::new(Timeline {
+        let tl = Arc::new(Timeline {
             tenant_id,
             timeline_id,
             dir: dir.to_path_buf(),
@@ -443,7 +461,16 @@ impl Timeline {
             rel_size_cache: RwLock::new(HashMap::new()),
             children: Mutex::new(Vec::new()),
             remote,
-        }))
+            compaction_lock: Mutex::new(()),
+            gc_branch_lock: Mutex::new(()),
+            leases: Mutex::new(gc::Leases::default()),
+            loaded_at: Instant::now(),
+        });
+        // The ancestor's GC must keep the history this branch reads.
+        if let Some(ancestor) = &tl.ancestor {
+            lock(&ancestor.children).push((timeline_id, tl.ancestor_lsn));
+        }
+        Ok(tl)
     }
 
     // --- identity and state
@@ -469,8 +496,9 @@ impl Timeline {
         self.ancestor_lsn
     }
 
-    pub fn conf(&self) -> &TenantConf {
-        &self.resources.conf
+    /// The tenant's current settings (a copy: a config change may replace them at any time).
+    pub fn conf(&self) -> TenantConf {
+        self.resources.conf.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn resources(&self) -> &TimelineResources {
@@ -577,9 +605,14 @@ impl Timeline {
         Ok(true)
     }
 
-    /// Branches created from this timeline since it was loaded: (child, branch point).
+    /// Loaded branches of this timeline: (child, branch point). GC keeps their history.
     pub fn child_branch_points(&self) -> Vec<(TimelineId, Lsn)> {
         lock(&self.children).clone()
+    }
+
+    /// Forgets a child branch (it was deleted): GC no longer keeps history for it.
+    pub fn forget_child(&self, child: TimelineId) {
+        lock(&self.children).retain(|(id, _)| *id != child);
     }
 
     /// Descriptions of the on-disk layers, in no particular order.
@@ -719,7 +752,7 @@ impl Timeline {
     pub fn checkpoint_if_due(&self) -> Result<bool, TimelineError> {
         let due = {
             let writer = self.writer();
-            writer.state.open_layer_opened_at.is_some_and(|t| t.elapsed() >= self.resources.conf.checkpoint_timeout)
+            writer.state.open_layer_opened_at.is_some_and(|t| t.elapsed() >= self.conf().checkpoint_timeout)
         };
         if due {
             self.checkpoint()?;
@@ -819,16 +852,20 @@ impl Timeline {
                 )));
             }
         }
-        if ancestor_lsn < md.latest_gc_cutoff_lsn {
-            return Err(invalid(format!(
-                "it is below the garbage-collection cutoff {}: that history is no longer kept; branch at or above it",
-                md.latest_gc_cutoff_lsn
-            )));
-        }
         if self.wait_lsn(ancestor_lsn, wait_timeout).await.is_err() {
             return Err(invalid(format!(
                 "it is above the last ingested record {} and WAL up to it did not arrive within {wait_timeout:?}",
                 self.get_last_record_lsn()
+            )));
+        }
+        // From the cutoff check until the child is registered, GC cannot move the cutoff.
+        let _gc = lock(&self.gc_branch_lock);
+        let md = self.metadata();
+        if ancestor_lsn < md.latest_gc_cutoff_lsn {
+            return Err(invalid(format!(
+                "it is below the garbage-collection cutoff {} (history older than the tenant's pitr_interval and \
+                 gc_horizon is not kept); branch at or above it",
+                md.latest_gc_cutoff_lsn
             )));
         }
         let parent_dir = self.dir.parent().ok_or_else(|| {
@@ -847,7 +884,7 @@ impl Timeline {
             pg_version: md.pg_version,
         };
         create_timeline_dir(&dir, new_timeline_id, &child_md)?;
-        lock(&self.children).push((new_timeline_id, ancestor_lsn));
+        // Loading registers the child with this timeline (its branch point is kept by GC).
         Timeline::load(&dir, Some(Arc::clone(self)), self.resources.clone())
     }
 
@@ -925,7 +962,7 @@ impl TimelineWriter<'_> {
             return Ok(());
         }
         self.tl.last_record.send_replace(RecordLsn { last: lsn, prev: record_start_lsn });
-        let conf = &self.tl.resources.conf;
+        let conf = self.tl.conf();
         let open_size_bytes = self.tl.layers_read().open_layer().map(|l| l.size_bytes());
         let too_big = open_size_bytes.is_some_and(|s| s >= conf.checkpoint_distance_bytes);
         let too_old = self.state.open_layer_opened_at.is_some_and(|t| t.elapsed() >= conf.checkpoint_timeout);
@@ -1011,6 +1048,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+mod compaction;
+mod gc;
+
+pub use compaction::{redundant_layers, CompactionResult};
+pub use gc::GcResult;
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -1050,7 +1093,7 @@ pub(crate) mod tests {
     pub(crate) fn resources(checkpoint_distance_bytes: u64) -> TimelineResources {
         let conf = TenantConf { checkpoint_distance_bytes, ..TenantConf::default() };
         TimelineResources {
-            conf,
+            conf: Arc::new(RwLock::new(conf)),
             redo: Arc::new(AppendApplier),
             block_cache: Arc::new(BlockCache::new(256)),
             remote_storage: None,
@@ -1286,8 +1329,8 @@ pub(crate) mod tests {
     #[test]
     fn checkpoint_timeout_flushes_an_old_open_layer() {
         let workdir = tempfile::tempdir().expect("tempdir");
-        let mut res = resources(1 << 30);
-        res.conf.checkpoint_timeout = Duration::from_millis(30);
+        let res = resources(1 << 30);
+        res.conf.write().unwrap().checkpoint_timeout = Duration::from_millis(30);
         let tl = Timeline::create_empty(workdir.path(), TENANT, TIMELINE, Lsn(0x100), 15, res).expect("create");
         let mut w = tl.writer();
         w.put(key(1), Lsn(0x100), Value::Image(Bytes::from_static(b"a"))).expect("put");

@@ -55,12 +55,26 @@ pub struct UploadStatus {
     /// Layer files downloaded on demand by this process, and their bytes.
     pub downloaded_layers: u64,
     pub downloaded_bytes: u64,
+    /// Remote layer objects deleted (compacted away or collected) by this process.
+    pub deleted_layers: u64,
+    /// The task has stopped ([`RemoteTimelineClient::stop`]): nothing more is uploaded.
+    pub stopped: bool,
 }
 
 #[derive(Debug, Clone)]
 enum UploadOp {
-    Layer { name: String, path: PathBuf },
-    Index { metadata: TimelineMetadata, layers: Vec<String> },
+    Layer {
+        name: String,
+        path: PathBuf,
+    },
+    Index {
+        metadata: TimelineMetadata,
+        layers: Vec<String>,
+    },
+    /// Remote objects of layers that an index uploaded before this op no longer names.
+    Delete {
+        names: Vec<String>,
+    },
 }
 
 impl std::fmt::Display for UploadOp {
@@ -73,6 +87,7 @@ impl std::fmt::Display for UploadOp {
                 metadata.disk_consistent_lsn,
                 layers.len()
             ),
+            UploadOp::Delete { names } => write!(f, "deletion of {} replaced layers", names.len()),
         }
     }
 }
@@ -97,6 +112,8 @@ pub struct RemoteTimelineClient {
     /// Layers of the remote index that were not on local disk at load: what
     /// [`LayerDownloader::download`] may fetch, with the size and checksums to check.
     remote_only_layers: Mutex<HashMap<String, LayerFileMetadata>>,
+    /// Set by [`Self::stop`]: the task ends before its next operation or retry.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl RemoteTimelineClient {
@@ -117,6 +134,7 @@ impl RemoteTimelineClient {
             status: watch::Sender::new(UploadStatus::default()),
             runtime,
             remote_only_layers: Mutex::new(HashMap::new()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -174,6 +192,45 @@ impl RemoteTimelineClient {
         self.published(q);
     }
 
+    /// Stops the task (the timeline is being deleted): it finishes the operation in progress,
+    /// starts no other, and this waits until it has stopped (at most 60 s).
+    pub async fn stop(&self) {
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.wake.notify_one();
+        let mut rx = self.status.subscribe();
+        let stopped = tokio::time::timeout(Duration::from_secs(60), rx.wait_for(|s| s.stopped)).await;
+        if stopped.is_err() {
+            warn!(tenant = %self.tenant_id, timeline = %self.timeline_id, "the upload task did not stop within 60 s");
+        }
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Stops naming `names` in the indexes scheduled from now on (they were compacted away or
+    /// collected), and forgets them as download sources.
+    pub fn unlink_layers(&self, names: &[String]) {
+        let mut q = self.lock();
+        let mut remote_only = self.remote_only_layers.lock().unwrap_or_else(|p| p.into_inner());
+        for name in names {
+            q.latest_layers.remove(name);
+            remote_only.remove(name);
+        }
+    }
+
+    /// Queues the deletion of the remote objects of `names`. Schedule it after an index that no
+    /// longer names them ([`Self::unlink_layers`], then [`Self::schedule_index_upload`]): the
+    /// queue runs in order, so no uploaded index ever names a deleted object.
+    pub fn schedule_layer_deletion(&self, names: Vec<String>) {
+        if names.is_empty() {
+            return;
+        }
+        let mut q = self.lock();
+        q.ops.push_back(UploadOp::Delete { names });
+        self.published(q);
+    }
+
     /// Waits until everything scheduled before the call is uploaded (the queue drains), for at
     /// most `timeout`. Returns the status, or `Err` with it on timeout.
     pub async fn wait_uploaded(&self, timeout: Duration) -> Result<UploadStatus, UploadStatus> {
@@ -203,7 +260,11 @@ impl RemoteTimelineClient {
     }
 
     async fn run(self: Arc<Self>) {
-        let remote = self.retry("download of the remote index_part.json", || self.download_remote_index()).await;
+        let Some(remote) = self.retry("download of the remote index_part.json", || self.download_remote_index()).await
+        else {
+            self.status.send_modify(|s| s.stopped = true);
+            return;
+        };
         {
             let mut q = self.lock();
             if let Some(index) = &remote {
@@ -225,6 +286,11 @@ impl RemoteTimelineClient {
             s.initialized = true;
         });
         loop {
+            if self.is_stopping() {
+                info!(tenant = %self.tenant_id, timeline = %self.timeline_id, "upload queue stopped");
+                self.status.send_modify(|s| s.stopped = true);
+                return;
+            }
             let notified = self.wake.notified();
             let (op, superseded) = {
                 let q = self.lock();
@@ -242,7 +308,9 @@ impl RemoteTimelineClient {
             // everything the older one does.
             if !superseded {
                 let what = op.to_string();
-                self.retry(&what, || self.execute(&op)).await;
+                if self.retry(&what, || self.execute(&op)).await.is_none() {
+                    continue; // stopping: the loop's check ends the task
+                }
             }
             let q = {
                 let mut q = self.lock();
@@ -253,8 +321,9 @@ impl RemoteTimelineClient {
         }
     }
 
-    /// Runs `attempt` until it succeeds, recording each failure in the status.
-    async fn retry<T, F, Fut>(&self, what: &str, mut attempt: F) -> T
+    /// Runs `attempt` until it succeeds, recording each failure in the status; `None` if the
+    /// client is stopped meanwhile.
+    async fn retry<T, F, Fut>(&self, what: &str, mut attempt: F) -> Option<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<T>>,
@@ -267,7 +336,7 @@ impl RemoteTimelineClient {
                         info!(tenant = %self.tenant_id, timeline = %self.timeline_id, "{what} succeeded after {failures} failed attempts");
                         self.status.send_modify(|s| s.last_error = None);
                     }
-                    return value;
+                    return Some(value);
                 }
                 Err(e) => {
                     failures += 1;
@@ -282,6 +351,9 @@ impl RemoteTimelineClient {
                         warn!(tenant = %self.tenant_id, timeline = %self.timeline_id, "{msg}; retrying in {backoff:?}");
                     }
                     self.status.send_modify(|s| s.last_error = Some(msg));
+                    if self.is_stopping() {
+                        return None;
+                    }
                     tokio::time::sleep(backoff).await;
                 }
             }
@@ -345,6 +417,21 @@ impl RemoteTimelineClient {
                 self.storage.put_bytes(&path, Bytes::from(index.encode())).await?;
                 let lsn = metadata.disk_consistent_lsn;
                 self.status.send_modify(|s| s.remote_consistent_lsn = s.remote_consistent_lsn.max(lsn));
+                Ok(())
+            }
+            UploadOp::Delete { names } => {
+                let paths = names
+                    .iter()
+                    .map(|name| remote_layer_path(self.tenant_id, self.timeline_id, name))
+                    .collect::<Result<Vec<_>, _>>()?;
+                // Deleting an object that is not there succeeds: a repeated deletion is harmless.
+                self.storage.delete_many(&paths).await?;
+                let mut q = self.lock();
+                for name in names {
+                    q.uploaded.remove(name);
+                }
+                drop(q);
+                self.status.send_modify(|s| s.deleted_layers += names.len() as u64);
                 Ok(())
             }
         }
