@@ -303,6 +303,19 @@ impl<S: AcceptorStorage> Acceptor<S> {
         }
     }
 
+    /// Records that WAL below `lsn` is in remote storage, durably: WAL removal trusts it.
+    /// Capped at the commit LSN: only whole committed segments are offloaded, and removal
+    /// must never reach WAL that is not committed here.
+    pub fn update_backup_lsn(&mut self, lsn: Lsn) -> Result<(), AcceptorError> {
+        let lsn = lsn.min(self.state.commit_lsn);
+        if lsn <= self.state.backup_lsn {
+            return Ok(());
+        }
+        let mut next = self.state.clone();
+        next.backup_lsn = lsn;
+        self.persist(next)
+    }
+
     /// Persists in-memory-only fields (commit LSN, horizons), e.g. on shutdown.
     pub fn persist_now(&mut self) -> Result<(), AcceptorError> {
         self.persist(self.state.clone())

@@ -22,6 +22,7 @@ use utils::{Lsn, TenantId, TimelineId};
 
 use crate::acceptor::AcceptorError;
 use crate::timeline::{GlobalTimelines, Timeline};
+use crate::wal_backup::{read_wal_any, WalBackup};
 
 /// Most WAL sent in one XLogData message.
 const MAX_SEND_BYTES: u64 = 128 * 1024;
@@ -138,6 +139,11 @@ impl QueryHandler for SafekeeperHandler {
                         FieldDescription::text("commit_lsn"),
                         FieldDescription::text("timeline_start_lsn"),
                         FieldDescription::text("last_log_term"),
+                        // For peers' WAL offload (uploader election, removal horizon).
+                        FieldDescription::int8("node_id"),
+                        FieldDescription::text("wal_start_lsn"),
+                        FieldDescription::text("backup_lsn"),
+                        FieldDescription::text("remote_consistent_lsn"),
                     ],
                     [[
                         Some(st.term.to_string()),
@@ -145,6 +151,10 @@ impl QueryHandler for SafekeeperHandler {
                         Some(st.commit_lsn.to_string()),
                         Some(st.timeline_start_lsn.to_string()),
                         Some(st.term_history.last_log_term(st.flush_lsn).to_string()),
+                        Some(self.timelines.node_id.0.to_string()),
+                        Some(st.wal_start_lsn.to_string()),
+                        Some(st.backup_lsn.to_string()),
+                        Some(st.remote_consistent_lsn.to_string()),
                     ]],
                 )
                 .await?;
@@ -154,7 +164,8 @@ impl QueryHandler for SafekeeperHandler {
                 // The pageserver's progress reports count as remote-consistent LSNs; a hot standby's
                 // (any other reader) do not.
                 let is_pageserver = pgb.startup_params().is_some_and(|p| p.user() == PAGESERVER_USER);
-                send_wal(pgb, tl, start_lsn, term, is_pageserver).await
+                let remote = self.timelines.remote().cloned();
+                send_wal(pgb, tl, remote, start_lsn, term, is_pageserver).await
             }
         }
     }
@@ -259,24 +270,39 @@ async fn read_proposer_message(pgb: &mut PostgresBackend) -> Result<Option<Propo
 
 /// Streams WAL from `start_lsn`: up to the commit LSN for ordinary readers; up to the flush LSN
 /// for a proposer fetching from its donor (`term` given), and only while our term is `term`.
+/// WAL below what is on local disk comes from remote storage (offloaded segments are committed
+/// and never change, so they serve a fetch for any term).
 async fn send_wal(
     pgb: &mut PostgresBackend,
     tl: Arc<Timeline>,
+    remote: Option<Arc<WalBackup>>,
     mut start_lsn: Lsn,
     term: Option<Term>,
     is_pageserver: bool,
 ) -> Result<(), QueryError> {
     let st = tl.status();
     let seg = tl.wal_seg_size_bytes();
-    if start_lsn < st.local_start_lsn && start_lsn.0 / seg == st.local_start_lsn.0 / seg {
+    // With remote storage, WAL from the timeline start is available; without, only what is local.
+    let first = if remote.is_some() { st.timeline_start_lsn } else { st.local_start_lsn };
+    if start_lsn < first && start_lsn.0 / seg == first.0 / seg {
         // A Postgres standby asks for whole segments; the first one of a timeline is partial
         // here, and what precedes the timeline's start is not needed by any reader of it.
-        start_lsn = st.local_start_lsn;
+        start_lsn = first;
     }
-    if start_lsn < st.local_start_lsn {
+    if start_lsn < first {
         return Err(user_err(
             SqlState::INVALID_PARAMETER_VALUE,
-            format!("requested WAL at {start_lsn} is before this safekeeper's first WAL at {}", st.local_start_lsn),
+            format!("requested WAL at {start_lsn} is before this safekeeper's first WAL at {first}"),
+        ));
+    }
+    if start_lsn < st.wal_start_lsn && remote.is_none() {
+        return Err(user_err(
+            SqlState::INVALID_PARAMETER_VALUE,
+            format!(
+                "requested WAL at {start_lsn} was removed from this safekeeper (its WAL starts at {}) and no remote \
+                 storage is configured to read it from",
+                st.wal_start_lsn
+            ),
         ));
     }
     if let Some(t) = term {
@@ -292,6 +318,7 @@ async fn send_wal(
     let mut positions = tl.positions();
     let mut pos = start_lsn;
     let mut keepalive = tokio::time::interval(KEEPALIVE_INTERVAL);
+    let mut remote_cache = None;
     loop {
         let p = *positions.borrow_and_update();
         if let Some(t) = term {
@@ -305,11 +332,10 @@ async fn send_wal(
         let end = if term.is_some() { p.flush_lsn } else { p.commit_lsn };
         if pos < end {
             let to = Lsn(end.0.min(pos.0 + MAX_SEND_BYTES));
-            let tl2 = tl.clone();
-            let data = tokio::task::spawn_blocking(move || tl2.read_wal(pos, to))
+            let data = read_wal_any(&tl, remote.as_ref(), pos, to, &mut remote_cache)
                 .await
-                .map_err(|e| user_err(SqlState::INTERNAL_ERROR, format!("WAL read task failed: {e}")))?
-                .map_err(|e| user_err(SqlState::INTERNAL_ERROR, format!("reading WAL {pos}..{to}: {e}")))?;
+                .map_err(|e| user_err(SqlState::INTERNAL_ERROR, format!("reading WAL {pos}..{to}: {e:#}")))?;
+            let to = pos + data.len() as u64;
             let msg = ReplicationMessage::XLogData { wal_start: pos, wal_end: end, send_time_us: pg_now_us(), data };
             pgb.write_copy_data(&msg.encode()).await?;
             pgb.flush().await?;

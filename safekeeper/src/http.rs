@@ -4,6 +4,7 @@
 //! - `POST /v1/tenant/{tenant_id}/timeline` (body: `TimelineCreateRequest`)
 //! - `GET|DELETE /v1/tenant/{tenant_id}/timeline/{timeline_id}`
 //! - `GET /v1/tenant/{tenant_id}/timeline/{timeline_id}/digest?from_lsn=X/Y&until_lsn=X/Y`
+//!   (SHA-256 of the WAL in the range; WAL removed locally is read from remote storage)
 //! - `GET /metrics` (Prometheus text)
 
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use sha2::{Digest, Sha256};
 use utils::{Lsn, TenantId, TimelineId};
 
 use crate::timeline::{GlobalTimelines, TimelineError};
+use crate::wal_backup::read_wal_any;
 
 /// An error answer: status code and a JSON `{"msg": ...}` body.
 pub struct ApiError(StatusCode, String);
@@ -128,19 +130,21 @@ async fn digest(
     if until > flush {
         return Err(bad_request(format!("until_lsn {until} is beyond this safekeeper's WAL end {flush}")));
     }
-    let sha256 = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
-        let mut h = Sha256::new();
-        let mut pos = from;
-        while pos < until {
-            let to = Lsn(until.0.min(pos.0 + (1 << 20)));
-            h.update(tl.read_wal(pos, to)?);
-            pos = to;
-        }
-        Ok(hex::encode(h.finalize()))
-    })
-    .await
-    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("reading WAL: {e}")))?;
+    // WAL no longer on local disk is read from remote storage, so every safekeeper can digest the
+    // same range however much it has removed.
+    let remote = tls.remote().cloned();
+    let mut h = Sha256::new();
+    let mut pos = from;
+    let mut cache = None;
+    while pos < until {
+        let to = Lsn(until.0.min(pos.0 + (1 << 20)));
+        let data = read_wal_any(&tl, remote.as_ref(), pos, to, &mut cache)
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("reading WAL {pos}..{to}: {e:#}")))?;
+        h.update(&data);
+        pos += data.len() as u64;
+    }
+    let sha256 = hex::encode(h.finalize());
     Ok(Json(WalDigest { from_lsn: from, until_lsn: until, sha256 }))
 }
 
@@ -154,14 +158,19 @@ async fn metrics(State(tls): State<Arc<GlobalTimelines>>) -> impl IntoResponse {
         "# HELP safekeeper_commit_lsn_bytes Committed WAL end.\n# TYPE safekeeper_commit_lsn_bytes gauge\n",
     );
     let mut term = String::from("# HELP safekeeper_term Current term.\n# TYPE safekeeper_term gauge\n");
+    let mut backup = String::from(
+        "# HELP safekeeper_backup_lsn_bytes End of the WAL offloaded to remote storage.\n# TYPE safekeeper_backup_lsn_bytes gauge\n",
+    );
     for tl in list {
         let s = tl.status();
         let labels = format!("tenant_id=\"{}\",timeline_id=\"{}\"", s.tenant_id, s.timeline_id);
         out.push_str(&format!("safekeeper_flush_lsn_bytes{{{labels}}} {}\n", s.flush_lsn.0));
         commit.push_str(&format!("safekeeper_commit_lsn_bytes{{{labels}}} {}\n", s.commit_lsn.0));
         term.push_str(&format!("safekeeper_term{{{labels}}} {}\n", s.term));
+        backup.push_str(&format!("safekeeper_backup_lsn_bytes{{{labels}}} {}\n", s.backup_lsn.0));
     }
     out.push_str(&commit);
     out.push_str(&term);
+    out.push_str(&backup);
     ([("content-type", "text/plain; version=0.0.4")], out)
 }

@@ -10,4 +10,5 @@ pub mod state;
 #[cfg(test)]
 mod test_wal;
 pub mod timeline;
+pub mod wal_backup;
 pub mod wal_storage;

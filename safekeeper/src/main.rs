@@ -9,9 +9,11 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use pq_proto::{BackendConfig, PostgresBackend, TrustAuth};
+use remote_storage::{GenericRemoteStorage, RemoteStorageConfig};
 use safekeeper::handler::SafekeeperHandler;
 use safekeeper::recovery::{self, Peer};
 use safekeeper::timeline::GlobalTimelines;
+use safekeeper::wal_backup::{self, WalBackup};
 use tracing::{info, warn};
 use utils::NodeId;
 
@@ -36,8 +38,36 @@ struct Args {
     /// Skip fsync. Loses acknowledged WAL on a machine crash: for tests only.
     #[arg(long)]
     no_sync: bool,
+    /// Remote storage for offloaded WAL, the pageserver's `remote_storage` value as a TOML
+    /// inline table or JSON: '{local_path = "/srv/remote"}' or '{bucket_name = "b",
+    /// bucket_region = "us-east-1", endpoint = "http://127.0.0.1:5000", prefix_in_bucket = "p"}'.
+    /// Objects go to `wal/<tenant>/<timeline>/<segment>`. Without it WAL is kept locally forever.
+    #[arg(long, value_parser = parse_remote_storage)]
+    remote_storage: Option<RemoteStorageConfig>,
+    /// Upload whole committed segments and remove offloaded local WAL (only with
+    /// --remote-storage). `false` keeps the storage for reading old WAL only.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    wal_backup_enabled: bool,
     #[arg(long, default_value = "human")]
     log_format: utils::logging::LogFormat,
+}
+
+/// Parses `--remote-storage`: a TOML inline table (as in pageserver.toml) or JSON.
+fn parse_remote_storage(s: &str) -> Result<RemoteStorageConfig, String> {
+    #[derive(serde::Deserialize)]
+    struct Wrapper {
+        remote_storage: RemoteStorageConfig,
+    }
+    let toml_err = match toml::from_str::<Wrapper>(&format!("remote_storage = {s}")) {
+        Ok(w) => return Ok(w.remote_storage),
+        Err(e) => e.message().to_string(),
+    };
+    RemoteStorageConfig::from_json(s).map_err(|json_err| {
+        format!(
+            "'{s}' is not a remote storage config: as TOML: {toml_err}; as JSON: {json_err}. Example: \
+             '{{local_path = \"/srv/remote\"}}'"
+        )
+    })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,6 +97,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let http_task = tokio::spawn(async move { http.await });
     tokio::spawn(recovery::run(timelines.clone(), args.peers.clone(), None, Duration::from_secs(1), shutdown.clone()));
+    if let Some(rs) = &args.remote_storage {
+        let storage = GenericRemoteStorage::from_config(rs)
+            .await
+            .with_context(|| format!("cannot open the remote storage {rs:?} given with --remote-storage"))?;
+        let backup = Arc::new(WalBackup { storage, upload_enabled: args.wal_backup_enabled });
+        timelines.set_remote(backup.clone());
+        info!(
+            "remote storage {rs:?}: {}",
+            if args.wal_backup_enabled {
+                "offloading WAL"
+            } else {
+                "reading offloaded WAL only (--wal-backup-enabled false)"
+            }
+        );
+        tokio::spawn(recovery::poll_peers(
+            timelines.clone(),
+            args.peers.clone(),
+            None,
+            Duration::from_secs(1),
+            shutdown.clone(),
+        ));
+        tokio::spawn(wal_backup::run(timelines.clone(), backup, shutdown.clone()));
+    } else {
+        info!("no --remote-storage: WAL is kept on local disk only");
+    }
 
     // The commit LSN is persisted lazily (see Acceptor::process_appends); write it out now and then.
     let tls = timelines.clone();

@@ -19,6 +19,7 @@ use tracing::{debug, info};
 use utils::Lsn;
 
 use crate::timeline::{GlobalTimelines, Timeline};
+use crate::wal_backup::PeerInfo;
 
 #[derive(Clone, Debug)]
 pub struct Peer {
@@ -39,6 +40,8 @@ struct PeerStatus {
     flush_lsn: Lsn,
     commit_lsn: Lsn,
     last_log_term: Term,
+    /// Offload facts; `None` from a safekeeper too old to report them.
+    offload: Option<PeerInfo>,
 }
 
 fn conn(peer: &Peer, tl: &Timeline, password: Option<&str>) -> ConnectConfig {
@@ -55,11 +58,24 @@ async fn peer_status(peer: &Peer, tl: &Timeline, password: Option<&str>) -> anyh
     let rows = c.simple_query("TIMELINE_STATUS").await?;
     let r = rows.first().context("TIMELINE_STATUS returned no row")?;
     let cell = |i: usize| r.get(i).cloned().flatten().with_context(|| format!("TIMELINE_STATUS column {i} missing"));
+    let flush_lsn: Lsn = cell(1)?.parse()?;
+    let offload = if r.len() > 8 {
+        Some(PeerInfo {
+            node_id: cell(5)?.parse()?,
+            flush_lsn,
+            wal_start_lsn: cell(6)?.parse()?,
+            backup_lsn: cell(7)?.parse()?,
+            remote_consistent_lsn: cell(8)?.parse()?,
+        })
+    } else {
+        None
+    };
     Ok(PeerStatus {
         term: cell(0)?.parse()?,
-        flush_lsn: cell(1)?.parse()?,
+        flush_lsn,
         commit_lsn: cell(2)?.parse()?,
         last_log_term: cell(4)?.parse()?,
+        offload,
     })
 }
 
@@ -117,6 +133,39 @@ async fn recover_once(tl: &Arc<Timeline>, peers: &[Peer], password: Option<&str>
         return Ok(Some(pos));
     }
     Ok(None)
+}
+
+/// Polls every peer's `TIMELINE_STATUS` for every timeline every `period` and records what it
+/// says, for WAL offload (who is alive, the remote-consistent LSN). Separate from recovery, which
+/// stops polling while it streams from a peer, so a busy peer never looks dead.
+pub async fn poll_peers(
+    timelines: Arc<GlobalTimelines>,
+    peers: Vec<Peer>,
+    password: Option<String>,
+    period: Duration,
+    stop: CancellationToken,
+) {
+    if peers.is_empty() {
+        return;
+    }
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for tl in timelines.list() {
+            for peer in &peers {
+                match peer_status(peer, &tl, password.as_deref()).await {
+                    Ok(PeerStatus { offload: Some(info), .. }) => {
+                        tl.record_peer(&format!("{}:{}", peer.host, peer.port), info)
+                    }
+                    Ok(_) => {}
+                    Err(e) => debug!("peer {}:{} did not answer TIMELINE_STATUS: {e:#}", peer.host, peer.port),
+                }
+            }
+        }
+    }
 }
 
 /// Checks every timeline every `period` and recovers those that lag.

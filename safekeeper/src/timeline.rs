@@ -4,7 +4,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Instant;
 
 use bytes::Bytes;
 use safekeeper_api::models::{TimelineCreateRequest, TimelineStatus};
@@ -17,6 +18,7 @@ use utils::{Lsn, NodeId, TenantId, TimelineId};
 use crate::acceptor::{Acceptor, AcceptorError};
 use crate::control_file;
 use crate::state::{ServerInfo, TimelinePersistentState};
+use crate::wal_backup::{BackupState, PeerInfo, WalBackup};
 use crate::wal_storage::PhysicalStorage;
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +47,9 @@ pub struct Timeline {
     pub dir: PathBuf,
     acceptor: Mutex<Acceptor<PhysicalStorage>>,
     positions: watch::Sender<Positions>,
+    /// Offload progress that is not persisted: peers seen, the last error, retry timing.
+    /// Never locked together with `acceptor` (taken after it is released).
+    backup: Mutex<BackupState>,
 }
 
 impl Timeline {
@@ -65,6 +70,7 @@ impl Timeline {
             dir,
             acceptor: Mutex::new(acceptor),
             positions: watch::channel(positions).0,
+            backup: Mutex::new(BackupState::default()),
         }))
     }
 
@@ -112,6 +118,7 @@ impl Timeline {
     }
 
     pub fn status(&self) -> TimelineStatus {
+        let last_backup_error = self.backup_state().last_error.clone();
         let a = self.lock();
         let s = a.state();
         TimelineStatus {
@@ -128,7 +135,44 @@ impl Timeline {
             remote_consistent_lsn: s.remote_consistent_lsn,
             system_id: s.server.system_id,
             pg_version: s.server.pg_version,
+            wal_start_lsn: a.storage().oldest_lsn(),
+            last_backup_error,
         }
+    }
+
+    /// Offload bookkeeping (peers, last error); not persisted.
+    pub fn backup_state(&self) -> std::sync::MutexGuard<'_, BackupState> {
+        self.backup.lock().expect("timeline backup state mutex poisoned")
+    }
+
+    /// Lowest LSN held on local disk.
+    pub fn wal_start_lsn(&self) -> Lsn {
+        self.lock().storage().oldest_lsn()
+    }
+
+    /// Durably records that WAL below `lsn` is offloaded (blocking: writes the control file).
+    pub fn update_backup_lsn(&self, lsn: Lsn) -> Result<(), AcceptorError> {
+        self.lock().update_backup_lsn(lsn)
+    }
+
+    /// The file of complete segment `segno` if this safekeeper holds all of it (see
+    /// [`PhysicalStorage::complete_segment_path`]).
+    pub fn complete_segment_path(&self, segno: u64) -> Option<PathBuf> {
+        let a = self.lock();
+        a.storage().complete_segment_path(segno, a.state().timeline_start_lsn)
+    }
+
+    /// Removes local segments wholly below `lsn` (blocking). The caller has checked that they
+    /// are offloaded and that the pageserver no longer needs them.
+    pub fn remove_wal_below(&self, lsn: Lsn) -> std::io::Result<usize> {
+        self.lock().storage_mut().remove_wal_below(lsn)
+    }
+
+    /// Records what a peer reported about this timeline; its remote-consistent LSN (the
+    /// pageserver reports it to the one safekeeper it streams from) is adopted as ours.
+    pub fn record_peer(&self, addr: &str, info: PeerInfo) {
+        self.update_remote_consistent_lsn(info.remote_consistent_lsn);
+        self.backup_state().peers.insert(addr.to_string(), (info, Instant::now()));
     }
 
     pub fn wal_seg_size_bytes(&self) -> u64 {
@@ -168,6 +212,8 @@ pub struct GlobalTimelines {
     pub datadir: PathBuf,
     pub sync: bool,
     map: RwLock<HashMap<(TenantId, TimelineId), Arc<Timeline>>>,
+    /// Remote storage for offloaded WAL, if configured (set once at start).
+    remote: OnceLock<Arc<WalBackup>>,
 }
 
 impl GlobalTimelines {
@@ -191,7 +237,23 @@ impl GlobalTimelines {
                 }
             }
         }
-        Ok(GlobalTimelines { node_id, datadir: datadir.to_path_buf(), sync, map: RwLock::new(map) })
+        Ok(GlobalTimelines {
+            node_id,
+            datadir: datadir.to_path_buf(),
+            sync,
+            map: RwLock::new(map),
+            remote: OnceLock::new(),
+        })
+    }
+
+    /// Configures remote storage for offloaded WAL; the first call wins.
+    pub fn set_remote(&self, remote: Arc<WalBackup>) {
+        let _ = self.remote.set(remote);
+    }
+
+    /// Remote storage for offloaded WAL, if configured.
+    pub fn remote(&self) -> Option<&Arc<WalBackup>> {
+        self.remote.get()
     }
 
     pub fn get(&self, tenant_id: TenantId, timeline_id: TimelineId) -> Result<Arc<Timeline>, TimelineError> {

@@ -209,6 +209,22 @@ impl PhysicalStorage {
         Ok(removed)
     }
 
+    /// The file of segment `segno` once it is complete (final name, all its bytes written), for
+    /// offloading. `None` if it is not complete here, or lies (partly) below the WAL this
+    /// safekeeper holds: bytes of a segment before our first WAL are zeros, not the timeline's
+    /// WAL, so only a safekeeper holding the whole segment (from the timeline start, for the
+    /// timeline's first segment) may upload it. Completed segments never change again (the
+    /// commit LSN, below which nothing is truncated, lies beyond them before we upload), so the
+    /// caller reads the file without holding the timeline lock.
+    pub fn complete_segment_path(&self, segno: u64, timeline_start_lsn: Lsn) -> Option<PathBuf> {
+        let first_needed = self.seg_start(segno).max(timeline_start_lsn);
+        if self.oldest_lsn() > first_needed || self.seg_start(segno + 1) > self.flush_lsn {
+            return None;
+        }
+        let path = self.segment_path(segno, false);
+        path.exists().then_some(path)
+    }
+
     fn segno(&self, lsn: Lsn) -> u64 {
         lsn.segment_number(self.seg_size_bytes)
     }

@@ -34,6 +34,13 @@ pub struct TimelineStatus {
     pub remote_consistent_lsn: Lsn,
     pub system_id: u64,
     pub pg_version: u32,
+    /// Lowest LSN this safekeeper still holds on local disk (WAL below it was offloaded and
+    /// removed, or the safekeeper joined later).
+    #[serde(default)]
+    pub wal_start_lsn: Lsn,
+    /// The last failed WAL offload attempt (object, cause, fix), until one succeeds.
+    #[serde(default)]
+    pub last_backup_error: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
