@@ -82,6 +82,10 @@ pub struct Config {
     /// tenant → branch name → timeline
     pub branches: BTreeMap<String, BTreeMap<String, TimelineId>>,
     pub endpoints: BTreeMap<String, EndpointConf>,
+    /// The remote storage `init` gave the pageserver, as the safekeepers' `--remote-storage`
+    /// JSON: they offload WAL to the same place (under `wal/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub safekeeper_remote_storage: Option<serde_json::Value>,
 }
 
 pub struct Env {
@@ -120,6 +124,24 @@ pub enum RemoteStorage {
 }
 
 impl RemoteStorage {
+    /// The same storage as the safekeepers' `--remote-storage` JSON.
+    fn safekeeper_json(&self, local: &Path) -> Option<serde_json::Value> {
+        match self {
+            RemoteStorage::None => None,
+            RemoteStorage::Local => Some(serde_json::json!({ "local_path": local })),
+            RemoteStorage::S3 { bucket, region, endpoint, prefix } => {
+                let mut v = serde_json::json!({ "bucket_name": bucket, "bucket_region": region });
+                if let Some(e) = endpoint {
+                    v["endpoint"] = e.clone().into();
+                }
+                if let Some(p) = prefix {
+                    v["prefix_in_bucket"] = p.clone().into();
+                }
+                Some(v)
+            }
+        }
+    }
+
     /// The `[remote_storage]` section of `pageserver.toml`.
     fn toml_section(&self, local: &Path) -> anyhow::Result<String> {
         let lit = |what: &str, v: &str| -> anyhow::Result<String> {
@@ -224,6 +246,7 @@ impl Env {
     pub fn init(num_safekeepers: u32, remote: &RemoteStorage, force: bool) -> anyhow::Result<Env> {
         let dir = repo_dir();
         let remote_section = remote.toml_section(&std::path::absolute(&dir)?.join("remote_storage"))?;
+        let safekeeper_remote_storage = remote.safekeeper_json(&std::path::absolute(&dir)?.join("remote_storage"));
         if dir.exists() {
             if !force {
                 bail!(
@@ -284,6 +307,7 @@ impl Env {
             default_tenant: None,
             branches: BTreeMap::new(),
             endpoints: BTreeMap::new(),
+            safekeeper_remote_storage,
         };
         let env = Env { dir, conf };
         fs::create_dir_all(env.dir.join("pageserver"))?;
@@ -360,6 +384,10 @@ impl Env {
         if !peers.is_empty() {
             argv.push("--peers".into());
             argv.push(peers.join(","));
+        }
+        if let Some(rs) = &self.conf.safekeeper_remote_storage {
+            argv.push("--remote-storage".into());
+            argv.push(rs.to_string());
         }
         Ok(Daemon {
             name: format!("safekeeper {id}"),
