@@ -101,7 +101,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let storage = GenericRemoteStorage::from_config(rs)
             .await
             .with_context(|| format!("cannot open the remote storage {rs:?} given with --remote-storage"))?;
-        let backup = Arc::new(WalBackup { storage, upload_enabled: args.wal_backup_enabled });
+        let backup =
+            Arc::new(WalBackup { storage, upload_enabled: args.wal_backup_enabled, has_peers: !args.peers.is_empty() });
         timelines.set_remote(backup.clone());
         info!(
             "remote storage {rs:?}: {}",

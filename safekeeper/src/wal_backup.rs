@@ -60,6 +60,9 @@ pub struct WalBackup {
     /// Upload segments and remove offloaded local WAL (`--wal-backup-enabled`). When false, the
     /// storage is only read (old WAL for readers).
     pub upload_enabled: bool,
+    /// `--peers` were given: wait until they could be polled before electing an uploader. A
+    /// safekeeper without peers is its own uploader at once.
+    pub has_peers: bool,
 }
 
 /// What a peer said about a timeline in its last `TIMELINE_STATUS`.
@@ -311,7 +314,11 @@ pub async fn run(timelines: Arc<GlobalTimelines>, backup: Arc<WalBackup>, stop: 
 
 /// One pass over one timeline: learn what is offloaded, upload what is ours to upload, remove
 /// local WAL below the removal horizon.
-async fn backup_timeline(timelines: &GlobalTimelines, backup: &WalBackup, tl: &Arc<Timeline>) -> anyhow::Result<()> {
+pub async fn backup_timeline(
+    timelines: &GlobalTimelines,
+    backup: &WalBackup,
+    tl: &Arc<Timeline>,
+) -> anyhow::Result<()> {
     let seg = tl.wal_seg_size_bytes();
     let st = tl.status();
     let due = segments_to_upload(st.backup_lsn, st.commit_lsn, seg);
@@ -328,7 +335,7 @@ async fn backup_timeline(timelines: &GlobalTimelines, backup: &WalBackup, tl: &A
         let mut backup_lsn = st.backup_lsn;
         for segno in due {
             if !present.contains(&segno) {
-                if !should_upload(timelines, tl, segno, seg, st.timeline_start_lsn) {
+                if !should_upload(timelines, backup, tl, segno, seg, st.timeline_start_lsn) {
                     break;
                 }
                 let Some(path) = tl.complete_segment_path(segno) else { break };
@@ -352,7 +359,14 @@ async fn backup_timeline(timelines: &GlobalTimelines, backup: &WalBackup, tl: &A
 }
 
 /// Whether this safekeeper uploads `segno` now (see the module docs).
-fn should_upload(timelines: &GlobalTimelines, tl: &Timeline, segno: u64, seg: u64, timeline_start_lsn: Lsn) -> bool {
+fn should_upload(
+    timelines: &GlobalTimelines,
+    backup: &WalBackup,
+    tl: &Timeline,
+    segno: u64,
+    seg: u64,
+    timeline_start_lsn: Lsn,
+) -> bool {
     let me = timelines.node_id.0;
     let st = tl.status();
     let mut candidates = vec![Candidate { node_id: me, flush_lsn: st.flush_lsn, wal_start_lsn: st.wal_start_lsn }];
@@ -370,7 +384,7 @@ fn should_upload(timelines: &GlobalTimelines, tl: &Timeline, segno: u64, seg: u6
     // Right after start (or timeline creation) no peer has been polled yet, and every
     // safekeeper would think itself the lowest live one.
     let first_pass = *bs.first_pass.get_or_insert(now);
-    if now.duration_since(first_pass) < PEER_FRESH {
+    if backup.has_peers && now.duration_since(first_pass) < PEER_FRESH {
         return false;
     }
     let since = match bs.due_since {
@@ -523,6 +537,145 @@ mod tests {
         let keys =
             [segment_path(t, tl, 3, SEG), segment_path(t, tl, 5, SEG), timeline_prefix(t, tl).join("junk").unwrap()];
         assert_eq!(present_segments(&keys, SEG), [3, 5].into());
+    }
+
+    /// A timeline on disk holding all of `real_wal()` (1 MiB segments), committed.
+    fn timeline_with_real_wal(datadir: &std::path::Path) -> (Arc<GlobalTimelines>, Arc<Timeline>) {
+        use safekeeper_api::models::TimelineCreateRequest;
+        use safekeeper_api::proto::{AppendRequest, ProposerElected, ProposerGreeting, ProposerMessage, VoteRequest};
+        use safekeeper_api::{TermHistory, TermLsn};
+
+        let wal = real_wal();
+        let (tenant_id, timeline_id) = (TenantId([1; 16]), TimelineId([2; 16]));
+        let tls = Arc::new(GlobalTimelines::load(utils::NodeId(1), datadir, false).unwrap());
+        let req = TimelineCreateRequest {
+            timeline_id,
+            start_lsn: wal.start_lsn,
+            pg_version: 150018,
+            system_id: Some(wal.system_id),
+            wal_seg_size: Some(wal.seg_size_bytes as u32),
+        };
+        let tl = tls.create(tenant_id, &req).unwrap();
+        let greeting = ProposerMessage::Greeting(ProposerGreeting {
+            protocol_version: 1,
+            pg_version: 150018,
+            proposer_id: [9; 16],
+            system_id: wal.system_id,
+            tenant_id,
+            timeline_id,
+            wal_seg_size: wal.seg_size_bytes as u32,
+        });
+        tl.process(&greeting).unwrap();
+        tl.process(&ProposerMessage::VoteRequest(VoteRequest { term: 1, proposer_id: [9; 16] })).unwrap();
+        tl.process(&ProposerMessage::Elected(ProposerElected {
+            term: 1,
+            start_streaming_at: wal.start_lsn,
+            term_history: TermHistory(vec![TermLsn { term: 1, lsn: wal.start_lsn }]),
+            timeline_start_lsn: wal.start_lsn,
+        }))
+        .unwrap();
+        let mut pos = wal.start_lsn;
+        while pos < wal.end_lsn() {
+            let next = (pos + 300_000).min(wal.end_lsn());
+            tl.process_appends(&[AppendRequest {
+                term: 1,
+                begin_lsn: pos,
+                end_lsn: next,
+                commit_lsn: next,
+                truncate_lsn: Lsn::INVALID,
+                wal: Bytes::copy_from_slice(wal.slice(pos, next)),
+            }])
+            .unwrap();
+            pos = next;
+        }
+        // The last append carried the final commit LSN; one more makes the acceptor take it.
+        tl.process_appends(&[AppendRequest {
+            term: 1,
+            begin_lsn: pos,
+            end_lsn: pos,
+            commit_lsn: pos,
+            truncate_lsn: Lsn::INVALID,
+            wal: Bytes::new(),
+        }])
+        .unwrap();
+        assert_eq!(tl.status().commit_lsn, wal.end_lsn());
+        (tls, tl)
+    }
+
+    async fn read_all(tl: &Arc<Timeline>, backup: &Arc<WalBackup>, from: Lsn, to: Lsn) -> anyhow::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut cache = None;
+        let mut pos = from;
+        while pos < to {
+            let chunk = read_wal_any(tl, Some(backup), pos, Lsn(to.0.min(pos.0 + 200_000)), &mut cache).await?;
+            pos += chunk.len() as u64;
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
+    }
+
+    /// Upload, a crash before the control file update, removal and reads of removed WAL, on a
+    /// real timeline directory and LocalFs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn offload_remove_and_read_back_on_local_fs() {
+        use std::os::unix::fs::MetadataExt;
+
+        let wal = real_wal();
+        let seg = wal.seg_size_bytes;
+        let data = tempfile::tempdir().unwrap();
+        let remote_root = tempfile::tempdir().unwrap();
+        let backup = Arc::new(WalBackup {
+            storage: GenericRemoteStorage::LocalFs(remote_storage::LocalFs::new(remote_root.path().into()).unwrap()),
+            upload_enabled: true,
+            has_peers: false,
+        });
+        let (tls, tl) = timeline_with_real_wal(data.path());
+        let (first, end_segno) = (wal.start_lsn.segment_number(seg), wal.end_lsn().segment_number(seg));
+
+        backup_timeline(&tls, &backup, &tl).await.unwrap();
+        let st = tl.status();
+        assert_eq!(st.backup_lsn, Lsn(end_segno * seg), "every whole segment below commit is offloaded");
+        assert_eq!(st.wal_start_lsn, wal.start_lsn, "nothing removed: the pageserver has reported nothing");
+        let (tenant_id, timeline_id) = (tl.tenant_id, tl.timeline_id);
+        let object = |segno: u64| remote_root.path().join(segment_path(tenant_id, timeline_id, segno, seg).as_str());
+        let inodes: Vec<u64> = (first..end_segno).map(|s| std::fs::metadata(object(s)).unwrap().ino()).collect();
+        assert!(!object(end_segno).exists(), "the open segment is not offloaded");
+
+        // Crash after the uploads, before the control file recorded them: reload with the old
+        // backup LSN. The next pass finds the objects and uploads nothing again.
+        let mut state = crate::control_file::load(&tl.dir).unwrap();
+        state.backup_lsn = wal.start_lsn;
+        crate::control_file::save(&tl.dir, &state, false).unwrap();
+        drop((tls, tl));
+        let tls = Arc::new(GlobalTimelines::load(utils::NodeId(1), data.path(), false).unwrap());
+        let tl = tls.list().pop().unwrap();
+        assert_eq!(tl.status().backup_lsn, wal.start_lsn);
+        backup_timeline(&tls, &backup, &tl).await.unwrap();
+        assert_eq!(tl.status().backup_lsn, Lsn(end_segno * seg));
+        let after: Vec<u64> = (first..end_segno).map(|s| std::fs::metadata(object(s)).unwrap().ino()).collect();
+        assert_eq!(inodes, after, "objects were uploaded again");
+
+        // The pageserver has everything but the last two segments durable: local WAL below the
+        // segment holding that LSN goes; every byte still reads the same, the removed part from
+        // remote storage.
+        let remote_consistent = Lsn((end_segno - 2) * seg + 100);
+        tl.update_remote_consistent_lsn(remote_consistent);
+        backup_timeline(&tls, &backup, &tl).await.unwrap();
+        assert_eq!(tl.status().wal_start_lsn, Lsn((end_segno - 2) * seg));
+        assert!(tl.read_wal(wal.start_lsn, wal.start_lsn + 8).is_err(), "removed locally");
+        assert!(read_all(&tl, &backup, wal.start_lsn, wal.end_lsn()).await.unwrap() == wal.bytes);
+
+        // A damaged object is refused with its name, not served.
+        let victim = first + 1;
+        let mut bytes = std::fs::read(object(victim)).unwrap();
+        bytes[0] ^= 0xff;
+        std::fs::write(object(victim), bytes).unwrap();
+        let err = read_all(&tl, &backup, Lsn(victim * seg), Lsn(victim * seg + 10)).await.unwrap_err().to_string();
+        assert!(err.contains("000000010000000000000") && err.contains("damaged"), "{err}");
+        // And a missing one says what to check.
+        std::fs::remove_file(object(victim)).unwrap();
+        let err = read_all(&tl, &backup, Lsn(victim * seg), Lsn(victim * seg + 10)).await.unwrap_err().to_string();
+        assert!(err.contains("cannot read offloaded WAL segment") && err.contains("--remote-storage"), "{err}");
     }
 
     #[test]
