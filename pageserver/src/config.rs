@@ -29,6 +29,9 @@ pub struct PageServerConf {
     pub wait_lsn_timeout: Duration,
     /// Where layers and `index_part.json` are uploaded (DESIGN D8); `None`: local disk only.
     pub remote_storage: Option<RemoteStorageConfig>,
+    /// With remote storage: keep local layer files under this many bytes by evicting the
+    /// least recently read uploaded ones (reads download them again). `None`: no limit.
+    pub max_local_layer_bytes: Option<u64>,
 }
 
 /// The file format (every field optional; defaults as in neon_local).
@@ -53,6 +56,8 @@ pub struct ConfFile {
     /// `compaction_threshold = 10`, ...; see [`crate::tenant::config`]).
     #[serde(default)]
     pub tenant_config: std::collections::BTreeMap<String, toml::Value>,
+    /// See [`PageServerConf::max_local_layer_bytes`].
+    pub max_local_layer_bytes: Option<u64>,
 }
 
 /// Parses durations like `10s`, `500ms`, `10m`, `1h`, `7d`.
@@ -121,6 +126,13 @@ impl PageServerConf {
             wait_lsn_timeout: match &file.wait_lsn_timeout {
                 Some(t) => parse_duration(t).map_err(|e| anyhow::anyhow!("wait_lsn_timeout: {e}"))?,
                 None => Duration::from_secs(60),
+            },
+            max_local_layer_bytes: match (file.max_local_layer_bytes, &file.remote_storage) {
+                (Some(_), None) => anyhow::bail!(
+                    "{}: max_local_layer_bytes needs [remote_storage]: evicted layers are downloaded from there",
+                    path.display()
+                ),
+                (limit, _) => limit,
             },
             remote_storage: file.remote_storage,
         })

@@ -17,6 +17,7 @@
 //!   (run compaction or GC now; the answer says what they did)
 //! - `DELETE /v1/tenant/{tenant_id}/timeline/{timeline_id}` (no child branches allowed) and
 //!   `DELETE /v1/tenant/{tenant_id}`: local and remote data removed
+//! - `GET /metrics` (Prometheus text: per timeline LSNs, layers, upload queue and failures)
 
 use std::sync::Arc;
 
@@ -95,6 +96,7 @@ pub fn router(mgr: Arc<TenantManager>) -> Router {
             "/v1/status",
             get(|State(m): State<Arc<TenantManager>>| async move { Json(serde_json::json!({ "id": m.conf.id })) }),
         )
+        .route("/metrics", get(metrics))
         .route("/v1/tenant", get(list_tenants).post(create_tenant))
         .route("/v1/tenant/{tenant_id}", get(get_tenant).delete(delete_tenant))
         .route("/v1/tenant/{tenant_id}/config", get(get_tenant_config).put(set_tenant_config))
@@ -108,6 +110,43 @@ pub fn router(mgr: Arc<TenantManager>) -> Router {
         .route("/v1/tenant/{tenant_id}/timeline/{timeline_id}/get_lsn_by_timestamp", get(get_lsn_by_timestamp))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
         .with_state(mgr)
+}
+
+/// Prometheus text exposition of every timeline's state.
+async fn metrics(State(m): State<Arc<TenantManager>>) -> impl IntoResponse {
+    type Metric = (&'static str, &'static str, fn(&TimelineInfo) -> u64);
+    const METRICS: &[Metric] = &[
+        ("pageserver_last_record_lsn_bytes", "End of the last ingested WAL record.", |i| i.last_record_lsn.0),
+        ("pageserver_disk_consistent_lsn_bytes", "What local layer files cover.", |i| i.disk_consistent_lsn.0),
+        ("pageserver_remote_consistent_lsn_bytes", "What the uploaded index covers.", |i| i.remote_consistent_lsn.0),
+        ("pageserver_gc_cutoff_lsn_bytes", "Reads and branches below this LSN are refused.", |i| {
+            i.latest_gc_cutoff_lsn.0
+        }),
+        ("pageserver_layers", "Layer files (local and remote-only).", |i| i.layer_count as u64),
+        ("pageserver_l0_deltas", "L0 delta layers waiting for compaction.", |i| i.l0_delta_count as u64),
+        ("pageserver_layer_bytes", "Bytes of the layer files.", |i| i.layer_bytes),
+        ("pageserver_upload_queue_length", "Uploads scheduled and not done.", |i| {
+            i.upload_queue_len.unwrap_or(0) as u64
+        }),
+        ("pageserver_upload_failing", "1 while the upload at the head of the queue keeps failing.", |i| {
+            u64::from(i.last_upload_error.is_some())
+        }),
+    ];
+    let infos: Vec<TimelineInfo> =
+        m.list_tenants().iter().flat_map(|t| t.timelines()).map(|tl| timeline_info(&tl)).collect();
+    let mut out = String::new();
+    for (name, help, value) in METRICS {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+        for i in &infos {
+            out.push_str(&format!(
+                "{name}{{tenant_id=\"{}\",timeline_id=\"{}\"}} {}\n",
+                i.tenant_id,
+                i.timeline_id,
+                value(i)
+            ));
+        }
+    }
+    ([("content-type", "text/plain; version=0.0.4")], out)
 }
 
 async fn list_tenants(State(m): State<Arc<TenantManager>>) -> Json<Vec<TenantInfo>> {

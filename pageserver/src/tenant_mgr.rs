@@ -39,6 +39,9 @@ pub enum TenantMgrError {
     Internal(String),
 }
 
+/// How often local layer bytes are checked against `max_local_layer_bytes`.
+const EVICTION_PERIOD: Duration = Duration::from_secs(5);
+
 /// Marker file of a timeline or tenant directory whose deletion has begun.
 pub const DELETED_MARKER_FILE_NAME: &str = "deleted";
 
@@ -207,10 +210,20 @@ impl TenantManager {
     async fn background_jobs(self: Arc<Self>) {
         let mut last_compaction: HashMap<TimelineId, Instant> = HashMap::new();
         let mut last_gc: HashMap<TimelineId, Instant> = HashMap::new();
+        let mut last_eviction = Instant::now();
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            if let Some(limit) = self.conf.max_local_layer_bytes {
+                if last_eviction.elapsed() >= EVICTION_PERIOD {
+                    last_eviction = Instant::now();
+                    let me = Arc::clone(&self);
+                    if let Err(e) = tokio::task::spawn_blocking(move || me.evict_to_limit(limit)).await {
+                        warn!("eviction panicked: {e}");
+                    }
+                }
             }
             for tenant in self.list_tenants() {
                 let conf = tenant.conf();
@@ -240,6 +253,44 @@ impl TenantManager {
                 }
             }
         }
+    }
+
+    /// Evicts local layer files, least recently read first, while they hold more than `limit`
+    /// bytes, down to 90% of it. Only uploaded layers can go (see [`Timeline::evict_layer`]).
+    /// Returns the bytes evicted. Blocking.
+    pub fn evict_to_limit(&self, limit: u64) -> u64 {
+        let mut candidates: Vec<(u64, u64, String, Arc<Timeline>)> = Vec::new();
+        let mut total = 0u64;
+        for tenant in self.list_tenants() {
+            for tl in tenant.timelines() {
+                for (name, bytes, access) in tl.local_layers() {
+                    total += bytes;
+                    candidates.push((access, bytes, name, Arc::clone(&tl)));
+                }
+            }
+        }
+        if total <= limit {
+            return 0;
+        }
+        let target = limit / 10 * 9;
+        candidates.sort_by_key(|(access, ..)| *access);
+        let mut evicted = 0u64;
+        for (_, bytes, name, tl) in candidates {
+            if total - evicted <= target {
+                break;
+            }
+            match tl.evict_layer(&name) {
+                Ok(true) => evicted += bytes,
+                Ok(false) => {}
+                // Not uploaded yet, or changed meanwhile: try the next one.
+                Err(e) => tracing::debug!("not evicting {name}: {e}"),
+            }
+        }
+        info!(
+            "local layers held {total} bytes, over max_local_layer_bytes {limit}: evicted {evicted} bytes (least \
+             recently read first)"
+        );
+        evicted
     }
 
     /// Finishes the deletion of every timeline of the tenant that has a deletion marker.

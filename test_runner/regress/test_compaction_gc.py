@@ -272,3 +272,32 @@ def test_tenant_config_api(daemons, safekeeper_cluster, test_output_dir, port_al
     r = requests.put(f"{ps.http}/v1/tenant/{tenant}/config", json={"compaction_threshold": 1}, timeout=10)
     assert r.status_code == 400 and "compaction_threshold" in r.text, r.text
     assert requests.get(f"{ps.http}/v1/tenant/{tenant}/config", timeout=10).json()["tenant_specific_overrides"] == {"compaction_threshold": "4"}
+
+
+def test_eviction_under_a_disk_limit_and_metrics(remote, daemons, safekeeper_cluster, test_output_dir, port_allocator):
+    """With `max_local_layer_bytes`, uploaded layers read longest ago leave the local disk until
+    the rest fits; reads download them again; /metrics shows the timeline's state."""
+    limit = 2 << 20
+    stack = RemoteStorageStack(daemons, safekeeper_cluster, test_output_dir, port_allocator, f"max_local_layer_bytes = {limit}\n" + remote.conf())
+    ps, tenant, timeline = stack.ps, stack.tenant_id, stack.timeline_id
+    c = stack.compute("c1")
+    pgbench(c.connstr, "-i", "-s", "4", "-q")
+    sums = c.sql(SUMS)
+    c.stop()
+    info = checkpoint_and_upload(ps, tenant, timeline, safekeeper_cluster)
+    assert info["layer_bytes"] > 2 * limit, info
+    local_dir = ps.workdir / "tenants" / tenant / "timelines" / timeline
+
+    def local_bytes() -> int:
+        return sum(p.stat().st_size for p in local_dir.iterdir() if p.name != "metadata")
+
+    wait_until("eviction down to the limit", lambda: local_bytes() <= limit, timeout_s=60)
+    log.info("local layer bytes %d of %d after eviction (limit %d)", local_bytes(), info["layer_bytes"], limit)
+    c = stack.compute("c2")
+    assert c.sql(SUMS) == sums, "evicted layers are downloaded again on read"
+    c.stop()
+    metrics = requests.get(f"{ps.http}/metrics", timeout=10).text
+    labels = f'{{tenant_id="{tenant}",timeline_id="{timeline}"}}'
+    assert f"pageserver_upload_failing{labels} 0" in metrics, metrics
+    assert f"pageserver_layers{labels} {ps.timeline(tenant, timeline)['layer_count']}" in metrics, metrics
+    assert f"pageserver_remote_consistent_lsn_bytes{labels} " in metrics

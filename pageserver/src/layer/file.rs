@@ -30,6 +30,13 @@ pub struct LayerFile {
     summary: Summary,
     shape: IndexShape,
     desc: PersistentLayerDesc,
+    /// When a value was last read (Unix seconds): eviction under a disk limit picks the layers
+    /// read longest ago.
+    last_access_secs: AtomicU64,
+}
+
+fn unix_now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 impl LayerFile {
@@ -89,7 +96,13 @@ impl LayerFile {
             summary,
             shape,
             desc,
+            last_access_secs: AtomicU64::new(unix_now_secs()),
         })
+    }
+
+    /// When a value of this file was last read (Unix seconds; the open counts as a read).
+    pub fn last_access_secs(&self) -> u64 {
+        self.last_access_secs.load(Ordering::Relaxed)
     }
 
     pub fn path(&self) -> &Path {
@@ -177,6 +190,7 @@ impl LayerFile {
 
     /// The value stored in the blob at byte `offset`, crc-checked and decompressed.
     pub fn read_blob(&self, offset: u64) -> Result<Bytes, LayerError> {
+        self.last_access_secs.store(unix_now_secs(), Ordering::Relaxed);
         let area_start = BLOCK_SIZE_BYTES as u64;
         let area_end = self.summary.index_start_block as u64 * BLOCK_SIZE_BYTES as u64;
         let header_end = offset.checked_add(BLOB_HEADER_SIZE_BYTES as u64);

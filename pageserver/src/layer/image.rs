@@ -97,6 +97,11 @@ impl ImageLayer {
         self.file.desc()
     }
 
+    /// When a value was last read from this layer (Unix seconds).
+    pub fn last_access_secs(&self) -> u64 {
+        self.file.last_access_secs()
+    }
+
     pub fn path(&self) -> &Path {
         self.file.path()
     }

@@ -216,6 +216,18 @@ impl PersistentLayer {
         }
     }
 
+    /// When a value was last read from the local file (Unix seconds); `None` for a layer that is
+    /// only in remote storage.
+    pub fn last_access_secs(&self) -> Option<u64> {
+        match self {
+            PersistentLayer::Delta(l) => Some(l.last_access_secs()),
+            PersistentLayer::Image(l) => Some(l.last_access_secs()),
+            PersistentLayer::Remote(l) => {
+                l.opened.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|o| o.last_access_secs())
+            }
+        }
+    }
+
     /// Versions of `key` with LSN in `lsn_range`, newest first, ending at (and including) the
     /// first image or will-init record.
     pub fn get_value_reconstruct_data(&self, key: Key, lsn_range: Range<Lsn>) -> Result<Vec<(Lsn, Value)>, LayerError> {

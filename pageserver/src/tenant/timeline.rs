@@ -615,6 +615,19 @@ impl Timeline {
         lock(&self.children).retain(|(id, _)| *id != child);
     }
 
+    /// Layers with a local file: (name, bytes, last read in Unix seconds), for eviction under a
+    /// disk limit.
+    pub fn local_layers(&self) -> Vec<(String, u64, u64)> {
+        self.layers_read()
+            .historic_layers()
+            .filter_map(|l| {
+                let access = l.last_access_secs()?;
+                let d = l.desc();
+                Some((d.layer_name().to_string(), d.file_size_bytes, access))
+            })
+            .collect()
+    }
+
     /// Descriptions of the on-disk layers, in no particular order.
     pub fn historic_layers(&self) -> Vec<PersistentLayerDesc> {
         self.layers_read().historic_layers().map(|l| l.desc().clone()).collect()
