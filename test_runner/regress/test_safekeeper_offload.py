@@ -177,3 +177,62 @@ def test_safekeeper_offload(neon_env, storage, request):
     digests = {id: st.digest(id, start, end) for id in (1, 2, 3)}
     assert len(set(digests.values())) == 1, f"WAL digests over {lsn_str(start)}..{lsn_str(end)} differ: {digests}"
     assert sql(main, "select count(*) from t")[0][0] == 4 * 2000 + 2000 + 2
+
+
+def test_backup_error_is_shown_then_cleared(daemons, safekeeper_cluster, test_output_dir, port_allocator):
+    """Safekeepers alone (a Postgres primary and the walproposer, no pageserver): an upload that
+    fails shows in the timeline status naming the object, and offload resumes once the storage
+    is fixed. Nothing is removed locally: no pageserver reported a remote-consistent LSN."""
+    import json
+    import uuid
+
+    from fixtures.safekeeper import WALPROPOSER_PG_CONF, Walproposer, start_timeline_on, wait_for_commit_lsn
+    from fixtures.vanilla_pg import VanillaPostgres
+
+    remote = test_output_dir / "remote"
+    remote.mkdir()
+    (remote / "wal").write_text("a file where the wal/ folder belongs")
+    for i, sk in enumerate(safekeeper_cluster):
+        sk.stop()
+        # Both spellings --remote-storage accepts: a TOML inline table and JSON.
+        sk.remote_storage = f"{{local_path = '{remote}'}}" if i == 0 else json.dumps({"local_path": str(remote)})
+        sk.start()
+    pg = VanillaPostgres(daemons, test_output_dir / "primary" / "pgdata", port_allocator.get())
+    daemons.watch_log(pg.log_path)
+    pg.initdb(WALPROPOSER_PG_CONF).start()
+    tenant_id, timeline_id = uuid.uuid4().hex, uuid.uuid4().hex
+    start = start_timeline_on(pg, safekeeper_cluster, tenant_id, timeline_id)
+    Walproposer(daemons, pg, safekeeper_cluster, tenant_id, timeline_id).start()
+    with pg.connect() as conn:
+        conn.execute("create table t(a int, pad text)")
+        for i in range(2):
+            conn.execute("insert into t select g, repeat('y', 300) from generate_series(1, 3000) g")
+            conn.execute("select pg_switch_wal()")
+        lsn = conn.execute("select pg_current_wal_flush_lsn()::text").fetchone()[0]
+    wait_for_commit_lsn(safekeeper_cluster, tenant_id, timeline_id, lsn, quorum=3)
+
+    def errors():
+        return [e for sk in safekeeper_cluster if (e := sk.timeline_status(tenant_id, timeline_id)["last_backup_error"])]
+
+    err = _wait("an offload error in the timeline status", lambda: errors())[0]
+    assert f"wal/{tenant_id}/{timeline_id}" in err and "check" in err, err
+    assert lsn_int(safekeeper_cluster[0].timeline_status(tenant_id, timeline_id)["backup_lsn"]) <= lsn_int(start) + SEG
+
+    (remote / "wal").unlink()
+    due = range(lsn_int(start) // SEG, lsn_int(lsn) // SEG)
+    assert len(due) >= 2
+    for sk in safekeeper_cluster:
+        _wait(
+            f"safekeeper {sk.id} to offload everything",
+            lambda sk=sk: lsn_int(sk.timeline_status(tenant_id, timeline_id)["backup_lsn"]) >= (lsn_int(lsn) // SEG) * SEG,
+            timeout_s=90,
+        )
+    assert not errors()
+    folder = remote / "wal" / tenant_id / timeline_id
+    assert sorted(p.name for p in folder.iterdir()) == [_segment_name(s) for s in due]
+    assert all(p.stat().st_size == SEG for p in folder.iterdir())
+    for sk in safekeeper_cluster:
+        st = sk.timeline_status(tenant_id, timeline_id)
+        assert st["wal_start_lsn"] == st["timeline_start_lsn"], "removed WAL no pageserver has durable"
+    ds = {sk.id: sk.digest(tenant_id, timeline_id, start, lsn) for sk in safekeeper_cluster}
+    assert len(set(ds.values())) == 1, ds
