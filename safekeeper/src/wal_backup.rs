@@ -664,6 +664,17 @@ mod tests {
         assert_eq!(tl.status().wal_start_lsn, Lsn((end_segno - 2) * seg));
         assert!(tl.read_wal(wal.start_lsn, wal.start_lsn + 8).is_err(), "removed locally");
         assert!(read_all(&tl, &backup, wal.start_lsn, wal.end_lsn()).await.unwrap() == wal.bytes);
+        // A restart finds the WAL end in what is left on disk.
+        tl.persist();
+        drop((tls, tl));
+        let tls = Arc::new(GlobalTimelines::load(utils::NodeId(1), data.path(), false).unwrap());
+        let tl = tls.list().pop().unwrap();
+        let st = tl.status();
+        assert_eq!(
+            (st.flush_lsn, st.commit_lsn, st.wal_start_lsn),
+            (wal.end_lsn(), wal.end_lsn(), Lsn((end_segno - 2) * seg))
+        );
+        assert!(read_all(&tl, &backup, wal.start_lsn, wal.end_lsn()).await.unwrap() == wal.bytes);
 
         // A damaged object is refused with its name, not served.
         let victim = first + 1;
