@@ -176,6 +176,54 @@ impl RemoteStorage {
     }
 }
 
+/// Encryption at rest of what goes to remote storage (`init --encryption-kek-file`): the
+/// `encryption` section both the pageserver and the safekeepers get.
+pub struct RemoteEncryption {
+    pub kek_id: String,
+    /// Absolute, so the daemons find it from their own directories.
+    pub kek_file: PathBuf,
+}
+
+impl RemoteEncryption {
+    /// Checks the id and that the file holds a key (64 hex digits or 32 raw bytes), so that a bad
+    /// key fails `init`, not the first `start`. The daemons check it again when they load it.
+    pub fn new(kek_id: String, kek_file: &Path) -> anyhow::Result<RemoteEncryption> {
+        if kek_id.is_empty()
+            || kek_id.len() > 64
+            || !kek_id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        {
+            bail!("--encryption-kek-id '{kek_id}' must be 1 to 64 ASCII letters, digits, '_', '-' or '.'");
+        }
+        let contents = fs::read(kek_file)
+            .with_context(|| format!("--encryption-kek-file {}: cannot read it", kek_file.display()))?;
+        let is_hex_key = std::str::from_utf8(&contents)
+            .map(|text| text.trim().len() == 64 && text.trim().bytes().all(|b| b.is_ascii_hexdigit()))
+            .unwrap_or(false);
+        if contents.len() != 32 && !is_hex_key {
+            bail!(
+                "--encryption-kek-file {} must hold a 256-bit key as 64 hex digits (openssl rand -hex 32) or 32 raw \
+                 bytes; it holds {} bytes",
+                kek_file.display(),
+                contents.len()
+            );
+        }
+        Ok(RemoteEncryption { kek_id, kek_file: std::path::absolute(kek_file)? })
+    }
+
+    /// The `[remote_storage.encryption]` table, appended after `[remote_storage]`.
+    fn toml_section(&self) -> anyhow::Result<String> {
+        let file = self.kek_file.display().to_string();
+        if file.contains(['\'', '\n', '\r']) {
+            bail!("--encryption-kek-file '{file}' must hold no quote or line break");
+        }
+        Ok(format!("[remote_storage.encryption]\nkek_id = '{}'\nkek_file = '{file}'\n", self.kek_id))
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({ "kek_id": self.kek_id, "kek_file": self.kek_file })
+    }
+}
+
 /// Who answers an HTTP call, for error messages: its name and the command that starts it.
 #[derive(Clone)]
 pub struct Peer {
@@ -243,10 +291,22 @@ impl Env {
         dir.join("config.json")
     }
 
-    pub fn init(num_safekeepers: u32, remote: &RemoteStorage, force: bool) -> anyhow::Result<Env> {
+    pub fn init(
+        num_safekeepers: u32,
+        remote: &RemoteStorage,
+        encryption: Option<&RemoteEncryption>,
+        force: bool,
+    ) -> anyhow::Result<Env> {
         let dir = repo_dir();
-        let remote_section = remote.toml_section(&std::path::absolute(&dir)?.join("remote_storage"))?;
-        let safekeeper_remote_storage = remote.safekeeper_json(&std::path::absolute(&dir)?.join("remote_storage"));
+        let mut remote_section = remote.toml_section(&std::path::absolute(&dir)?.join("remote_storage"))?;
+        let mut safekeeper_remote_storage = remote.safekeeper_json(&std::path::absolute(&dir)?.join("remote_storage"));
+        if let Some(encryption) = encryption {
+            let Some(safekeeper_json) = safekeeper_remote_storage.as_mut() else {
+                bail!("--encryption-kek-file needs --remote-storage local|s3 (it encrypts what is uploaded there)");
+            };
+            remote_section.push_str(&encryption.toml_section()?);
+            safekeeper_json["encryption"] = encryption.json();
+        }
         if dir.exists() {
             if !force {
                 bail!(

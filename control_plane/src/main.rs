@@ -4,13 +4,14 @@
 
 mod env;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 use anyhow::Context;
 
-use crate::env::{Env, RemoteStorage, StopMode};
+use crate::env::{Env, RemoteEncryption, RemoteStorage, StopMode};
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum RemoteKind {
@@ -44,6 +45,14 @@ enum Cmd {
         s3_region: Option<String>,
         #[arg(long)]
         s3_prefix: Option<String>,
+        /// Encrypt everything uploaded to remote storage (pageserver layers and indexes,
+        /// safekeeper WAL) with data keys wrapped by this key-encryption key: a file holding 64
+        /// hex digits (e.g. `openssl rand -hex 32 > kek1.key`) or 32 raw bytes.
+        #[arg(long)]
+        encryption_kek_file: Option<PathBuf>,
+        /// The id recorded with the data keys that KEK wraps.
+        #[arg(long, default_value = "kek1")]
+        encryption_kek_id: String,
         /// Remove an existing environment first.
         #[arg(long)]
         force: bool,
@@ -197,7 +206,17 @@ enum SafekeeperCmd {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Init { num_safekeepers, remote_storage, s3_endpoint, s3_bucket, s3_region, s3_prefix, force } => {
+        Cmd::Init {
+            num_safekeepers,
+            remote_storage,
+            s3_endpoint,
+            s3_bucket,
+            s3_region,
+            s3_prefix,
+            encryption_kek_file,
+            encryption_kek_id,
+            force,
+        } => {
             let s3_given = s3_endpoint.is_some() || s3_bucket.is_some() || s3_region.is_some() || s3_prefix.is_some();
             let remote = match remote_storage {
                 None if s3_given => anyhow::bail!("--s3-* options need '--remote-storage s3'"),
@@ -213,14 +232,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     prefix: s3_prefix,
                 },
             };
-            let env = Env::init(num_safekeepers, &remote, force)?;
+            let encryption = match encryption_kek_file {
+                None => None,
+                Some(_) if matches!(remote, RemoteStorage::None) => {
+                    anyhow::bail!(
+                        "--encryption-kek-file needs --remote-storage local|s3 (it encrypts what is uploaded there)"
+                    )
+                }
+                Some(kek_file) => Some(RemoteEncryption::new(encryption_kek_id, &kek_file)?),
+            };
+            let env = Env::init(num_safekeepers, &remote, encryption.as_ref(), force)?;
             println!(
-                "initialized {} with {num_safekeepers} safekeepers{}",
+                "initialized {} with {num_safekeepers} safekeepers{}{}",
                 env.dir.display(),
                 match remote {
                     RemoteStorage::None => String::new(),
                     RemoteStorage::Local => format!(", remote storage in {}", env.dir.join("remote_storage").display()),
                     RemoteStorage::S3 { bucket, .. } => format!(", remote storage in S3 bucket {bucket}"),
+                },
+                match &encryption {
+                    None => String::new(),
+                    Some(e) => format!(", encrypted under key-encryption key '{}'", e.kek_id),
                 }
             );
         }

@@ -21,6 +21,7 @@ import requests
 
 from fixtures.compute import Storage
 from fixtures.daemons import wait_until
+from fixtures.neon_local import neon_env, one, sql  # noqa: F401
 from fixtures.pageserver import Pageserver
 from fixtures.safekeeper import lsn_int
 
@@ -227,3 +228,40 @@ def test_encrypted_upload_restore_and_tampering(remote, daemons, safekeeper_clus
     # Restoring the original bytes makes the same read work again.
     remote.put(victim, objects[victim])
     ps.backup_tar(tenant, timeline)
+
+
+def test_neon_local_init_with_encryption(neon_env, test_output_dir):
+    """`neon_local init --remote-storage local --encryption-kek-file F`: the pageserver's layers and
+    the safekeepers' offloaded WAL segments both reach `.neon/remote_storage` encrypted (no
+    marker in any object), and the stack restarts and serves the rows."""
+    nl = neon_env
+    kek = write_kek(test_output_dir / "neon_local.key")
+    bad_key = test_output_dir / "short.key"
+    bad_key.write_text("abcd\n")
+    for args, expect in [
+        (("--encryption-kek-file", str(kek)), "needs --remote-storage"),
+        (("--remote-storage", "local", "--encryption-kek-file", str(bad_key)), "must hold a 256-bit key"),
+        (("--remote-storage", "local", "--encryption-kek-file", str(kek), "--encryption-kek-id", "a/b"), "must be 1 to 64"),
+    ]:
+        nl.fails("init", *args, expect=expect)
+        assert not nl.repo_dir.exists(), f"init {args} left {nl.repo_dir} behind"
+
+    out = nl.run("init", "--remote-storage", "local", "--encryption-kek-file", str(kek)).stdout
+    assert "encrypted under key-encryption key 'kek1'" in out, out
+    assert "[remote_storage.encryption]" in (nl.repo_dir / "pageserver" / "pageserver.toml").read_text()
+    nl.run("start")
+    nl.run("tenant", "create", "--set-default")
+    main = nl.endpoint("main")
+    # ~25 MB of WAL: at least one whole segment for the safekeepers to offload.
+    sql(main, f"create table marked(id int, v text); insert into marked select g, '{MARKER.decode()}-' || g from generate_series(1, 250000) g")
+    remote = LocalRemote(nl.repo_dir / "remote_storage")
+    wait_until("a WAL segment offloaded by the safekeepers", lambda: any(k.startswith("wal/") for k in remote.objects()), timeout_s=120, interval_s=1)
+    nl.run("stop")  # a fast stop flushes the pageserver's open layer, which is then uploaded
+    objects = remote.objects()
+    assert any(k.startswith("tenants/") and not k.endswith("index_part.json") for k in objects), sorted(objects)
+    assert holding_marker(objects) == [], "plaintext marker found at rest"
+    for key, body in objects.items():
+        if not key.startswith("_encryption_keys/"):
+            assert body[:4] == b"NEOE", f"{key} is not in the encrypted format"
+    nl.run("start")
+    assert one(nl.start_endpoint("main"), "select count(*) from marked where v like 'ENC-AT-REST-MARKER-7c1e-%'") == 250000
