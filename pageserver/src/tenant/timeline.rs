@@ -595,7 +595,10 @@ impl Timeline {
         )));
         {
             let mut layers = self.layers_write();
-            layers.remove_historic(&layer_name);
+            // Compaction or GC may have removed the layer meanwhile: then it stays removed.
+            if layers.remove_historic(&layer_name).is_none() {
+                return Ok(false);
+            }
             layers.insert_historic(replacement);
         }
         // Readers that still hold the old layer keep reading through its open file.
