@@ -586,7 +586,6 @@ impl Timeline {
                 local.file_size, uploaded.file_size, local.sha256, uploaded.sha256
             )));
         }
-        remote.add_remote_only_layer(name.to_string(), uploaded);
         let downloader: Arc<dyn LayerDownloader> = remote.clone();
         let replacement = Arc::new(PersistentLayer::Remote(RemoteLayer::new(
             desc.clone(),
@@ -599,6 +598,7 @@ impl Timeline {
             if layers.remove_historic(&layer_name).is_none() {
                 return Ok(false);
             }
+            remote.add_remote_only_layer(name.to_string(), uploaded);
             layers.insert_historic(replacement);
         }
         // Readers that still hold the old layer keep reading through its open file.
