@@ -18,7 +18,9 @@
 //! whoever holds it, so a peer that answers but cannot upload does not stall offload.
 //!
 //! The backup LSN (persisted in the control file) is the end of the contiguous run of offloaded
-//! segments. A safekeeper that did not upload a segment learns it from the listing. A crash
+//! segments. A safekeeper that did not upload a segment learns it from a listing, which it takes
+//! every [`OTHERS_LIST_PERIOD`] (not trusting peers' word: a misconfigured peer could point at
+//! another bucket, and removal must only follow what this safekeeper's storage holds). A crash
 //! between an upload and the control file update loses nothing: the next pass finds the object
 //! and advances past it.
 //!
@@ -50,6 +52,9 @@ pub const PEER_FRESH: Duration = Duration::from_secs(5);
 pub const TAKEOVER_AFTER: Duration = Duration::from_secs(30);
 /// How often the backup loop looks at every timeline.
 const BACKUP_PERIOD: Duration = Duration::from_secs(1);
+/// How often a safekeeper that is not the uploader lists the remote storage to learn what the
+/// uploader offloaded (and so how far it may remove).
+pub const OTHERS_LIST_PERIOD: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const PAGE_BYTES: u64 = XLOG_BLCKSZ as u64;
@@ -89,6 +94,8 @@ pub struct BackupState {
     first_pass: Option<Instant>,
     /// No attempt before this (backoff after a failure).
     retry_at: Option<Instant>,
+    /// When a safekeeper that is not the uploader lists the remote storage next.
+    next_list_at: Option<Instant>,
     backoff: Duration,
 }
 
@@ -322,7 +329,20 @@ pub async fn backup_timeline(
     let seg = tl.wal_seg_size_bytes();
     let st = tl.status();
     let due = segments_to_upload(st.backup_lsn, st.commit_lsn, seg);
-    if !due.is_empty() {
+    // A safekeeper that is not the uploader learns what was offloaded from a listing, but only
+    // every OTHERS_LIST_PERIOD: a LIST per second per timeline and safekeeper costs money on S3.
+    let list_now = !due.is_empty() && {
+        let ours = should_upload(timelines, backup, tl, due.start, seg, st.timeline_start_lsn);
+        let now = Instant::now();
+        let mut bs = tl.backup_state();
+        if ours || bs.next_list_at.is_none_or(|t| now >= t) {
+            bs.next_list_at = Some(now + OTHERS_LIST_PERIOD);
+            true
+        } else {
+            false
+        }
+    };
+    if list_now {
         let prefix = timeline_prefix(tl.tenant_id, tl.timeline_id);
         let listing = backup.storage.list(Some(&prefix), ListingMode::WithDelimiter, None).await.map_err(|e| {
             anyhow::anyhow!(
