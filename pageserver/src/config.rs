@@ -2,10 +2,12 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use remote_storage::RemoteStorageConfig;
 use serde::Deserialize;
+use utils::auth::JwtAuth;
 use utils::NodeId;
 
 use crate::tenant::timeline::TenantConf;
@@ -32,6 +34,18 @@ pub struct PageServerConf {
     /// With remote storage: keep local layer files under this many bytes by evicting the
     /// least recently read uploaded ones (reads download them again). `None`: no limit.
     pub max_local_layer_bytes: Option<u64>,
+    /// `http_auth_type = 'NeonJWT'`: tokens verified with these keys on the HTTP API.
+    pub http_auth: Option<Arc<JwtAuth>>,
+    /// `pg_auth_type = 'NeonJWT'`: the page service takes a token as the password.
+    pub pg_auth: Option<Arc<JwtAuth>>,
+}
+
+/// `http_auth_type` / `pg_auth_type`: Neon's names.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum AuthType {
+    #[default]
+    Trust,
+    NeonJWT,
 }
 
 /// The file format (every field optional; defaults as in neon_local).
@@ -58,6 +72,12 @@ pub struct ConfFile {
     pub tenant_config: std::collections::BTreeMap<String, toml::Value>,
     /// See [`PageServerConf::max_local_layer_bytes`].
     pub max_local_layer_bytes: Option<u64>,
+    /// A PEM Ed25519 public key file, or a directory of them (rotation).
+    pub auth_validation_public_key_path: Option<PathBuf>,
+    #[serde(default)]
+    pub http_auth_type: AuthType,
+    #[serde(default)]
+    pub pg_auth_type: AuthType,
 }
 
 /// Parses durations like `10s`, `500ms`, `10m`, `1h`, `7d`.
@@ -113,7 +133,23 @@ impl PageServerConf {
             };
             tenant_conf.set(key, &value).map_err(|e| anyhow::anyhow!("{}: tenant_config.{e}", path.display()))?;
         }
+        let jwt = match (&file.auth_validation_public_key_path, file.http_auth_type, file.pg_auth_type) {
+            (_, AuthType::Trust, AuthType::Trust) => None,
+            (None, _, _) => anyhow::bail!(
+                "{}: http_auth_type/pg_auth_type = 'NeonJWT' needs auth_validation_public_key_path",
+                path.display()
+            ),
+            (Some(p), _, _) => {
+                let p = if p.is_relative() { workdir.join(p) } else { p.clone() };
+                Some(Arc::new(JwtAuth::from_key_path(&p).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?))
+            }
+        };
+        let pick = |t: AuthType| if t == AuthType::NeonJWT { jwt.clone() } else { None };
+        let http_auth = pick(file.http_auth_type);
+        let pg_auth = pick(file.pg_auth_type);
         Ok(PageServerConf {
+            http_auth,
+            pg_auth,
             id: NodeId(file.id.unwrap_or(1)),
             workdir: workdir.to_path_buf(),
             listen_pg_addr: addr(file.listen_pg_addr, "127.0.0.1:64000", "listen_pg_addr")?,

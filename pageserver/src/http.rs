@@ -18,17 +18,25 @@
 //! - `DELETE /v1/tenant/{tenant_id}/timeline/{timeline_id}` (no child branches allowed) and
 //!   `DELETE /v1/tenant/{tenant_id}`: local and remote data removed
 //! - `GET /metrics` (Prometheus text: per timeline LSNs, layers, upload queue and failures)
+//!
+//! With `http_auth_type = 'NeonJWT'` every route but `/v1/status` and `/metrics` needs
+//! `Authorization: Bearer <jwt>` (see [`access`]): checked before any handler runs, so a refused
+//! request does nothing. Refusals and every mutating request are audit lines.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use pageserver_api::models::{LsnByTimestamp, TenantCreateRequest, TenantInfo, TimelineCreateRequest, TimelineInfo};
 use postgres_ffi::TimestampTz;
+use utils::auth::{audit, check_scope, check_tenant_permission, parse_bearer, JwtAuth, Outcome, Scope};
 use utils::{Lsn, TenantId, TimelineId};
 
 use crate::tenant::timeline::Timeline;
@@ -90,7 +98,71 @@ pub fn timeline_info(tl: &Timeline) -> TimelineInfo {
     }
 }
 
+/// What a route needs.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Access {
+    /// No token: `/v1/status`, `/metrics` (ids and LSNs only, no data).
+    Open,
+    /// A `tenant` token for this tenant, or `pageserverapi`/`admin`: reads of the tenant, its
+    /// config and timelines, timeline create, get_lsn_by_timestamp.
+    Tenant(TenantId),
+    /// `pageserverapi`/`admin`: tenant list/create/delete/attach, config change, timeline
+    /// delete, compaction, GC, checkpoint, layer eviction, and anything unknown.
+    Management,
+}
+
+const MANAGEMENT_SCOPES: &[Scope] = &[Scope::PageServerApi, Scope::Admin];
+
+/// Classifies a request by method and path (before routing: unknown paths need management).
+pub fn access(method: &Method, path: &str) -> Access {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segs.as_slice() {
+        ["v1", "status"] | ["metrics"] if method == Method::GET => Access::Open,
+        ["v1", "tenant", t, rest @ ..] if !rest.is_empty() || method == Method::GET => {
+            let Ok(tenant) = t.parse::<TenantId>() else { return Access::Management };
+            if matches!((method, rest), (&Method::GET, _) | (&Method::POST, ["timeline"])) {
+                Access::Tenant(tenant)
+            } else {
+                Access::Management
+            }
+        }
+        _ => Access::Management,
+    }
+}
+
+/// Checks the token before the handler runs; audits refusals and mutations.
+async fn auth_middleware(State(auth): State<Option<Arc<JwtAuth>>>, req: Request, next: Next) -> Response {
+    let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let operation = method.to_string();
+    let needs = access(&method, &path);
+    let mut scope = None;
+    if let (Some(auth), false) = (&auth, needs == Access::Open) {
+        let header = req.headers().get(AUTHORIZATION).map(|v| v.to_str().unwrap_or(""));
+        let checked = parse_bearer(header).and_then(|tok| auth.decode(tok)).and_then(|claims| {
+            scope = Some(claims.scope);
+            match &needs {
+                Access::Tenant(t) => check_tenant_permission(&claims, *t, MANAGEMENT_SCOPES),
+                _ => check_scope(&claims, MANAGEMENT_SCOPES),
+            }
+        });
+        if let Err(e) = checked {
+            audit("pageserver", peer, scope, &operation, &path, Outcome::Denied, e.reason());
+            let code = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::UNAUTHORIZED);
+            return ApiError(code, e.to_string()).into_response();
+        }
+    }
+    let resp = next.run(req).await;
+    if method != Method::GET {
+        let status = resp.status();
+        audit("pageserver", peer, scope, &operation, &path, Outcome::Allowed, status.as_str());
+    }
+    resp
+}
+
 pub fn router(mgr: Arc<TenantManager>) -> Router {
+    let auth = mgr.conf.http_auth.clone();
     Router::new()
         .route(
             "/v1/status",
@@ -110,6 +182,7 @@ pub fn router(mgr: Arc<TenantManager>) -> Router {
         .route("/v1/tenant/{tenant_id}/timeline/{timeline_id}/get_lsn_by_timestamp", get(get_lsn_by_timestamp))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
         .with_state(mgr)
+        .layer(axum::middleware::from_fn_with_state(auth, auth_middleware))
 }
 
 /// Prometheus text exposition of every timeline's state.

@@ -12,7 +12,7 @@ use pageserver::redo_applier::PostgresRedoApplier;
 use pageserver::tenant::timeline::TimelineResources;
 use pageserver::tenant_mgr::TenantManager;
 use pageserver::walredo::{WalRedoConfig, WalRedoManager};
-use pq_proto::{BackendConfig, PostgresBackend, TrustAuth};
+use pq_proto::{BackendConfig, JwtPasswordAuth, PostgresBackend, TrustAuth};
 use tracing::{info, warn};
 
 #[derive(Parser)]
@@ -66,8 +66,11 @@ async fn run(conf: PageServerConf) -> anyhow::Result<()> {
         conf.listen_pg_addr,
         conf.listen_http_addr
     );
-    let http = axum::serve(http_listener, pageserver::http::router(mgr.clone()))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let http = axum::serve(
+        http_listener,
+        pageserver::http::router(mgr.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let http_task = tokio::spawn(async move { http.await });
     loop {
         let (sock, peer) = tokio::select! {
@@ -78,9 +81,19 @@ async fn run(conf: PageServerConf) -> anyhow::Result<()> {
             },
         };
         let _ = sock.set_nodelay(true);
-        let mut handler = PageServiceHandler { mgr: mgr.clone() };
+        let pg_auth = conf.pg_auth.clone();
+        let mut handler = PageServiceHandler::new(mgr.clone(), Some(peer));
         tokio::spawn(async move {
-            match PostgresBackend::new(sock, BackendConfig::default()).run(&TrustAuth, &mut handler).await {
+            let pgb = PostgresBackend::new(sock, BackendConfig::default());
+            let result = match pg_auth {
+                Some(auth) => {
+                    let hook = JwtPasswordAuth::new(auth, "pageserver", Some(peer));
+                    handler.claims = Some(hook.claims_slot());
+                    pgb.run(&hook, &mut handler).await
+                }
+                None => pgb.run(&TrustAuth, &mut handler).await,
+            };
+            match result {
                 Ok(end) => tracing::debug!("connection from {peer} ended: {end:?}"),
                 Err(e) if e.is_client_disconnect() => tracing::debug!("connection from {peer} closed: {e}"),
                 Err(e) => warn!("connection from {peer} failed: {e}"),

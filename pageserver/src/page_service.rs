@@ -25,7 +25,8 @@
 //! request ends the stream with an ErrorResponse (the session goes on). Failures that are the
 //! pageserver's own (a damaged layer file, a failed redo) are also logged as errors.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::stream::{FuturesOrdered, StreamExt};
@@ -34,6 +35,7 @@ use postgres_ffi::slru::SlruKind;
 use postgres_ffi::RelTag;
 use pq_proto::{CopyMessage, FieldDescription, PostgresBackend, QueryError, QueryHandler, SqlState, UserError};
 use tracing::{debug, error};
+use utils::auth::{audit, check_scope, check_tenant_permission, AuthError, Claims, Outcome, Scope};
 use utils::{Lsn, TenantId, TimelineId};
 
 use crate::basebackup::{write_basebackup, write_standby_basebackup, BackupKind, BasebackupError};
@@ -46,6 +48,10 @@ const DEFAULT_TABLESPACE_OID: u32 = 1663;
 
 pub struct PageServiceHandler {
     pub mgr: Arc<TenantManager>,
+    /// With `pg_auth_type = 'NeonJWT'`: the session's token claims (set at login); every
+    /// command naming a tenant is checked against them before it does anything.
+    pub claims: Option<Arc<Mutex<Option<Claims>>>>,
+    pub peer: Option<SocketAddr>,
 }
 
 fn user_err(code: SqlState, msg: impl Into<String>) -> QueryError {
@@ -57,6 +63,25 @@ fn rel(w: RelTagWire) -> RelTag {
 }
 
 impl PageServiceHandler {
+    pub fn new(mgr: Arc<TenantManager>, peer: Option<SocketAddr>) -> Self {
+        PageServiceHandler { mgr, claims: None, peer }
+    }
+
+    /// A `tenant` token for this tenant, or `pageserverapi`/`admin`; refusals are audited.
+    fn check_tenant(&self, tenant: TenantId, command: &str) -> Result<(), QueryError> {
+        let Some(slot) = &self.claims else { return Ok(()) };
+        let claims = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let checked = match &claims {
+            Some(c) => check_tenant_permission(c, tenant, &[Scope::PageServerApi, Scope::Admin]),
+            None => Err(AuthError::Missing),
+        };
+        checked.map_err(|e| {
+            let object = format!("tenant {tenant}");
+            audit("pageserver", self.peer, claims.map(|c| c.scope), command, &object, Outcome::Denied, e.reason());
+            QueryError::User(pq_proto::jwt::auth_user_error(&e))
+        })
+    }
+
     fn timeline(&self, tenant: &str, timeline: &str) -> Result<Arc<Timeline>, QueryError> {
         let t: TenantId = tenant.parse().map_err(|e| user_err(SqlState::INVALID_PARAMETER_VALUE, format!("{e}")))?;
         let tl: TimelineId =
@@ -68,6 +93,24 @@ impl PageServiceHandler {
 impl QueryHandler for PageServiceHandler {
     async fn process_query(&mut self, pgb: &mut PostgresBackend, query: &str) -> Result<(), QueryError> {
         let words: Vec<&str> = query.trim().trim_end_matches(';').split_whitespace().collect();
+        if self.claims.is_some() {
+            // Every command names its tenant: check it before anything else happens.
+            let tenant = match words.as_slice() {
+                ["lease", "lsn", t, ..] => Some(*t),
+                [_, t, ..] => Some(*t),
+                _ => None,
+            };
+            if let Some(t) = tenant.and_then(|t| t.parse::<TenantId>().ok()) {
+                self.check_tenant(t, words[0])?;
+            } else {
+                let slot = self.claims.as_ref().map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone());
+                // No tenant named: only management tokens go on (to the usage error).
+                if let Some(Some(c)) = slot {
+                    check_scope(&c, &[Scope::PageServerApi, Scope::Admin])
+                        .map_err(|e| QueryError::User(pq_proto::jwt::auth_user_error(&e)))?;
+                }
+            }
+        }
         match words.as_slice() {
             ["pagestream", tenant, timeline] => {
                 let tl = self.timeline(tenant, timeline)?;

@@ -36,6 +36,8 @@ fn conn_config(addr: &str, tl: &Timeline) -> anyhow::Result<ConnectConfig> {
     c.options =
         vec![("tenant_id".into(), tl.tenant_id().to_string()), ("timeline_id".into(), tl.timeline_id().to_string())];
     c.connect_timeout = Duration::from_secs(5);
+    // The token for safekeepers with auth on (Neon's convention); sent only if asked for.
+    c.password = std::env::var("NEON_AUTH_TOKEN").ok().filter(|t| !t.is_empty());
     Ok(c)
 }
 

@@ -24,3 +24,6 @@ pub use messages::{
     BeMessage, CancelKey, FeMessage, FieldDescription, Format, MessageLimits, Severity, TransactionStatus,
 };
 pub use startup::{FeStartupPacket, StartupParams};
+
+pub mod jwt;
+pub use jwt::JwtPasswordAuth;

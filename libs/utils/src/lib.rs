@@ -1,5 +1,6 @@
-//! Small shared types and helpers used by every daemon: LSNs, ids, logging, shutdown.
+//! Small shared types and helpers used by every daemon: LSNs, ids, auth (JWT), logging, shutdown.
 
+pub mod auth;
 pub mod id;
 pub mod logging;
 pub mod lsn;

@@ -1,0 +1,225 @@
+"""JWT auth (issue 8 items 1 and 6): every pageserver HTTP route and page service command against
+{no token, expired, wrong signature, wrong scope, other tenant's token, valid}. Only the valid
+cells get through; a refused cell changes nothing (state read back after each route's refusals);
+each refusal is an audit line; no token appears in any log."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from fixtures.pageserver import Pageserver
+from fixtures.paths import neon_bin
+from fixtures.pq_raw import RawPq
+
+CELLS = ["none", "expired", "bad_signature", "wrong_scope", "other_tenant", "valid"]
+
+
+class Minter:
+    """Keys and tokens through `neon_auth` (the same code the daemons verify with)."""
+
+    def __init__(self, dir: Path):
+        self.dir = dir
+        subprocess.run([neon_bin("neon_auth"), "keygen", dir / "keys"], check=True, capture_output=True)
+        subprocess.run([neon_bin("neon_auth"), "keygen", dir / "other"], check=True, capture_output=True)
+        self.public_key = dir / "keys" / "public.pem"
+        self.minted: list[str] = []
+
+    def token(self, scope: str, tenant_id: str | None = None, exp_secs: int = 3600, other_key: bool = False) -> str:
+        key = self.dir / ("other" if other_key else "keys") / "private.pem"
+        argv = [neon_bin("neon_auth"), "token", "--private-key", key, "--scope", scope, "--exp-secs", str(exp_secs)]
+        if tenant_id:
+            argv += ["--tenant-id", tenant_id]
+        tok = subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
+        self.minted.append(tok)
+        return tok
+
+
+def cell_token(m: Minter, cell: str, valid_scope: str, tenant: str, other_tenant: str) -> str | None:
+    """The token of a cell for a route whose valid token is `valid_scope` (for `tenant`)."""
+    t = tenant if valid_scope == "tenant" else None
+    if cell == "none":
+        return None
+    if cell == "expired":
+        return m.token(valid_scope, t, exp_secs=-60)
+    if cell == "bad_signature":
+        return m.token(valid_scope, t, other_key=True)
+    if cell == "wrong_scope":
+        # A tenant route refuses the safekeepers' scope; a management route a tenant token.
+        return m.token("safekeeperdata") if valid_scope == "tenant" else m.token("tenant", tenant)
+    if cell == "other_tenant":
+        return m.token("tenant", other_tenant)
+    return m.token(valid_scope, t)
+
+
+@pytest.fixture
+def auth_pageserver(daemons, test_output_dir, port_allocator):
+    m = Minter(test_output_dir / "auth")
+    ps = Pageserver(
+        daemons,
+        test_output_dir / "pageserver",
+        port_allocator.get(),
+        port_allocator.get(),
+        [],
+        extra_conf=f"auth_validation_public_key_path = '{m.public_key}'\nhttp_auth_type = 'NeonJWT'\npg_auth_type = 'NeonJWT'\n",
+    ).start()
+    return ps, m
+
+
+def req(ps: Pageserver, method: str, path: str, token: str | None, body=None) -> requests.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return requests.request(method, f"{ps.http}{path}", json=body, headers=headers, timeout=120)
+
+
+def state(ps: Pageserver, admin: str, tenants: list[str]) -> dict:
+    """Everything a refused request could have changed, read with an admin token."""
+    out: dict = {"tenants": sorted(t["id"] for t in req(ps, "GET", "/v1/tenant", admin).json())}
+    for t in tenants:
+        if t not in out["tenants"]:
+            continue
+        out[t] = {
+            "config": req(ps, "GET", f"/v1/tenant/{t}/config", admin).json()["tenant_specific_overrides"],
+            "timelines": sorted(
+                (i["timeline_id"], i["layer_count"], i["disk_consistent_lsn"], i["latest_gc_cutoff_lsn"])
+                for i in req(ps, "GET", f"/v1/tenant/{t}/timeline", admin).json()
+            ),
+        }
+    return out
+
+
+def test_pageserver_http_matrix(auth_pageserver, daemons):
+    ps, m = auth_pageserver
+    admin = m.token("admin")
+    a, b, c = (uuid.uuid4().hex for _ in range(3))
+    tl, tl_del, tl_new = (uuid.uuid4().hex for _ in range(3))
+    for t in (a, b, c):
+        assert req(ps, "POST", "/v1/tenant", admin, {"tenant_id": t}).status_code == 201
+    for x in (tl, tl_del):
+        r = req(ps, "POST", f"/v1/tenant/{a}/timeline", m.token("pageserverapi"), {"new_timeline_id": x})
+        assert r.status_code == 201, r.text
+    new_tenant = uuid.uuid4().hex
+    p = f"/v1/tenant/{a}/timeline/{tl}"
+    # (method, path, body, valid scope, ok statuses for the valid cell). Destructive routes last.
+    routes = [
+        ("GET", "/v1/tenant", None, "pageserverapi", {200}),
+        ("POST", "/v1/tenant", {"tenant_id": new_tenant}, "pageserverapi", {201}),
+        ("GET", f"/v1/tenant/{a}", None, "tenant", {200}),
+        ("GET", f"/v1/tenant/{a}/config", None, "tenant", {200}),
+        ("PUT", f"/v1/tenant/{a}/config", {"pitr_interval": "1h"}, "pageserverapi", {200}),
+        ("GET", f"/v1/tenant/{a}/timeline", None, "tenant", {200}),
+        ("POST", f"/v1/tenant/{a}/timeline", {"new_timeline_id": tl_new}, "tenant", {201}),
+        ("GET", p, None, "tenant", {200}),
+        ("GET", f"{p}/get_lsn_by_timestamp?timestamp=2100-01-01T00:00:00Z", None, "tenant", {200}),
+        ("PUT", f"{p}/checkpoint", None, "pageserverapi", {200}),
+        ("PUT", f"{p}/compact?force=true", None, "pageserverapi", {200}),
+        ("PUT", f"{p}/do_gc", None, "pageserverapi", {200}),
+        # Without remote storage these fail after auth (400/404): still not 401/403.
+        ("DELETE", f"{p}/layer/000000000000000000000000000000000000-FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF__0000000000000000-0000000000000001", None, "pageserverapi", {400, 404}),
+        ("POST", f"/v1/tenant/{uuid.uuid4().hex}/attach", None, "pageserverapi", {400, 404, 409}),
+        ("DELETE", f"/v1/tenant/{a}/timeline/{tl_del}", None, "pageserverapi", {200}),
+        ("DELETE", f"/v1/tenant/{c}", None, "pageserverapi", {200}),
+    ]
+    tenants = [a, b, c, new_tenant]
+    refusals = 0
+    for method, path, body, scope, ok in routes:
+        before = state(ps, admin, tenants)
+        for cell in CELLS[:-1]:
+            r = req(ps, method, path, cell_token(m, cell, scope, a, b), body)
+            expected = 403 if cell in ("wrong_scope", "other_tenant") else 401
+            assert r.status_code == expected, f"{method} {path} [{cell}]: {r.status_code} {r.text}"
+            assert r.json()["msg"], "a refusal says why"
+            refusals += 1
+        assert state(ps, admin, tenants) == before, f"{method} {path}: a refused request changed state"
+        r = req(ps, method, path, cell_token(m, "valid", scope, a, b), body)
+        assert r.status_code in ok, f"{method} {path} [valid]: {r.status_code} {r.text}"
+
+    after = state(ps, admin, tenants)
+    assert new_tenant in after["tenants"] and c not in after["tenants"]
+    assert tl_new in [x[0] for x in after[a]["timelines"]] and tl_del not in [x[0] for x in after[a]["timelines"]]
+    assert after[a]["config"] == {"pitr_interval": "1h"}
+    # Reasons are distinct and readable.
+    assert "expired" in req(ps, "GET", "/v1/tenant", m.token("admin", exp_secs=-5)).json()["msg"]
+    assert "signature" in req(ps, "GET", "/v1/tenant", m.token("admin", other_key=True)).json()["msg"]
+    assert "not tenant" in req(ps, "GET", f"/v1/tenant/{a}", m.token("tenant", b)).json()["msg"]
+    assert req(ps, "GET", "/v1/tenant", "garbage").status_code == 401
+    # Open routes.
+    assert requests.get(f"{ps.http}/v1/status", timeout=5).ok
+    assert requests.get(f"{ps.http}/metrics", timeout=5).ok
+
+    ps.stop()
+    log = ps.daemons.daemons[0].log_text()
+    audit_denied = [line for line in log.splitlines() if "audit" in line and "denied" in line]
+    assert len(audit_denied) >= refusals, f"{len(audit_denied)} audit lines for {refusals} refusals"
+    assert any(f'object="/v1/tenant/{c}"' in line and 'operation="DELETE"' in line for line in log.splitlines() if 'outcome="allowed"' in line)
+    assert_no_secrets(ps.workdir.parent, m)
+
+
+def pq_command(ps: Pageserver, token: str | None, command: str) -> tuple[str, bytes]:
+    """('login', error) | ('error', error) | ('ok', first answer tag)."""
+    try:
+        c = RawPq(ps.pg_port, {"user": "cloud_admin"}, password=token or "")
+    except RuntimeError as e:
+        return "login", str(e).encode()
+    try:
+        c.query(command)
+        tag, payload = c.read_until_error_or({b"H", b"W", b"T"})
+        return ("error", payload) if tag == b"E" else ("ok", tag)
+    finally:
+        c.close()
+
+
+def test_page_service_matrix(auth_pageserver):
+    ps, m = auth_pageserver
+    admin = m.token("admin")
+    a, b = uuid.uuid4().hex, uuid.uuid4().hex
+    tl = uuid.uuid4().hex
+    for t in (a, b):
+        assert req(ps, "POST", "/v1/tenant", admin, {"tenant_id": t}).status_code == 201
+    info = req(ps, "POST", f"/v1/tenant/{a}/timeline", admin, {"new_timeline_id": tl}).json()
+    lsn = info["last_record_lsn"]
+    commands = [
+        f"pagestream {a} {tl}",
+        f"basebackup {a} {tl}",
+        f"basebackup {a} {tl} {lsn}",
+        f"fullbackup {a} {tl}",
+        f"basebackup {a} {tl} standby",
+        f"lease lsn {a} {tl} {lsn}",
+    ]
+    for command in commands:
+        for cell in CELLS:
+            outcome, detail = pq_command(ps, cell_token(m, cell, "tenant", a, b), command)
+            if cell == "valid":
+                assert outcome == "ok" or b"running-xacts" in detail or b"standby" in detail, f"{command}: {outcome} {detail!r}"
+            elif cell in ("none", "expired", "bad_signature"):
+                assert outcome == "login" and b"28P01" in detail, f"{command} [{cell}]: {outcome} {detail!r}"
+            else:
+                assert outcome == "error" and b"28000" in detail, f"{command} [{cell}]: {outcome} {detail!r}"
+        # Management tokens reach every tenant.
+        outcome, detail = pq_command(ps, m.token("pageserverapi"), command)
+        assert outcome == "ok" or b"standby" in detail or b"running-xacts" in detail, f"{command}: {detail!r}"
+    ps.stop()
+    assert_no_secrets(ps.workdir.parent, m)
+
+
+def assert_no_secrets(root: Path, m: Minter) -> None:
+    """No token and no private key material in any file under the test's output but the keys."""
+    secrets = list(m.minted)
+    for d in ("keys", "other"):
+        pem = (m.dir / d / "private.pem").read_text()
+        secrets.append("".join(pem.splitlines()[1:-1]))
+    checked = 0
+    for f in root.rglob("*"):
+        if not f.is_file() or m.dir in f.parents:
+            continue
+        text = f.read_bytes().decode(errors="replace")
+        checked += 1
+        for s in secrets:
+            # Each half of a token too: a log must not carry its signature or its claims part.
+            for piece in [s] + s.split("."):
+                if len(piece) >= 20:
+                    assert piece not in text, f"secret material found in {f}"
+    assert checked > 0
