@@ -8,7 +8,8 @@
 //!
 //! The timeline comes from the startup options: `-c tenant_id=<hex> -c timeline_id=<hex>`.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use safekeeper_api::proto::ProposerMessage;
 use safekeeper_api::replication::{pg_now_us, FeedbackMessage, ReplicationMessage};
 use safekeeper_api::Term;
 use tracing::{debug, info, warn};
+use utils::auth::{audit, check_tenant_permission, AuthError, Claims, Outcome, Scope};
 use utils::{Lsn, TenantId, TimelineId};
 
 use crate::acceptor::AcceptorError;
@@ -31,6 +33,11 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 
 pub struct SafekeeperHandler {
     pub timelines: Arc<GlobalTimelines>,
+    /// With `--pg-auth-type NeonJWT`: the session's token claims; the connection's tenant is
+    /// checked against them before any command runs (`safekeeperdata`, `admin`, or a
+    /// `tenant` token for that tenant).
+    pub claims: Option<Arc<Mutex<Option<Claims>>>>,
+    pub peer: Option<SocketAddr>,
 }
 
 /// The user name the pageserver's WAL receiver connects as.
@@ -106,6 +113,18 @@ impl SafekeeperHandler {
             get("tenant_id")?.parse().map_err(|e| user_err(SqlState::INVALID_PARAMETER_VALUE, format!("{e}")))?;
         let timeline_id: TimelineId =
             get("timeline_id")?.parse().map_err(|e| user_err(SqlState::INVALID_PARAMETER_VALUE, format!("{e}")))?;
+        if let Some(slot) = &self.claims {
+            let claims = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let checked = match &claims {
+                Some(c) => check_tenant_permission(c, tenant_id, &[Scope::SafekeeperData, Scope::Admin]),
+                None => Err(AuthError::Missing),
+            };
+            if let Err(e) = checked {
+                let object = format!("timeline {tenant_id}/{timeline_id}");
+                audit("safekeeper", self.peer, claims.map(|c| c.scope), "libpq", &object, Outcome::Denied, e.reason());
+                return Err(QueryError::User(pq_proto::jwt::auth_user_error(&e)));
+            }
+        }
         self.timelines.get(tenant_id, timeline_id).map_err(|e| user_err(SqlState::UNDEFINED_OBJECT, e.to_string()))
     }
 }

@@ -6,18 +6,27 @@
 //! - `GET /v1/tenant/{tenant_id}/timeline/{timeline_id}/digest?from_lsn=X/Y&until_lsn=X/Y`
 //!   (SHA-256 of the WAL in the range; WAL removed locally is read from remote storage)
 //! - `GET /metrics` (Prometheus text)
+//!
+//! With `--http-auth-type NeonJWT` every route but `/v1/status` and `/metrics` needs
+//! `Authorization: Bearer <jwt>`: `safekeeperdata`, `admin`, or for `/v1/tenant/{id}/...` a
+//! `tenant` token for that tenant. Checked before any handler runs; refusals and mutating
+//! requests are audit lines.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use safekeeper_api::models::{SafekeeperStatus, TimelineCreateRequest, WalDigest};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use utils::auth::{audit, check_scope, check_tenant_permission, parse_bearer, JwtAuth, Outcome, Scope};
 use utils::{Lsn, TenantId, TimelineId};
 
 use crate::timeline::{GlobalTimelines, TimelineError};
@@ -54,7 +63,43 @@ fn parse_ids(tenant: &str, timeline: Option<&str>) -> Result<(TenantId, Option<T
     Ok((t, tl))
 }
 
-pub fn router(timelines: Arc<GlobalTimelines>) -> Router {
+const PRIVILEGED_SCOPES: &[Scope] = &[Scope::SafekeeperData, Scope::Admin];
+
+/// Checks the token before the handler runs; audits refusals and mutations.
+async fn auth_middleware(State(auth): State<Option<Arc<JwtAuth>>>, req: Request, next: Next) -> Response {
+    let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let open = method == Method::GET && matches!(segs.as_slice(), ["v1", "status"] | ["metrics"]);
+    let tenant = match segs.as_slice() {
+        ["v1", "tenant", t, ..] => t.parse::<TenantId>().ok(),
+        _ => None,
+    };
+    let mut scope = None;
+    if let (Some(auth), false) = (&auth, open) {
+        let header = req.headers().get(AUTHORIZATION).map(|v| v.to_str().unwrap_or(""));
+        let checked = parse_bearer(header).and_then(|tok| auth.decode(tok)).and_then(|claims| {
+            scope = Some(claims.scope);
+            match tenant {
+                Some(t) => check_tenant_permission(&claims, t, PRIVILEGED_SCOPES),
+                None => check_scope(&claims, PRIVILEGED_SCOPES),
+            }
+        });
+        if let Err(e) = checked {
+            audit("safekeeper", peer, scope, method.as_str(), &path, Outcome::Denied, e.reason());
+            let code = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::UNAUTHORIZED);
+            return ApiError(code, e.to_string()).into_response();
+        }
+    }
+    let resp = next.run(req).await;
+    if method != Method::GET {
+        audit("safekeeper", peer, scope, method.as_str(), &path, Outcome::Allowed, resp.status().as_str());
+    }
+    resp
+}
+
+pub fn router(timelines: Arc<GlobalTimelines>, auth: Option<Arc<JwtAuth>>) -> Router {
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/tenant/{tenant_id}/timeline", axum::routing::post(create_timeline))
@@ -65,6 +110,7 @@ pub fn router(timelines: Arc<GlobalTimelines>) -> Router {
             ApiError(StatusCode::NOT_FOUND, "no such route; see the safekeeper's HTTP API in its docs".into())
         })
         .with_state(timelines)
+        .layer(axum::middleware::from_fn_with_state(auth, auth_middleware))
 }
 
 async fn status(State(tls): State<Arc<GlobalTimelines>>) -> Json<SafekeeperStatus> {

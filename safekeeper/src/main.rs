@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use pq_proto::{BackendConfig, PostgresBackend, TrustAuth};
+use pq_proto::{BackendConfig, JwtPasswordAuth, PostgresBackend, TrustAuth};
 use remote_storage::{GenericRemoteStorage, RemoteStorageConfig};
 use safekeeper::handler::SafekeeperHandler;
 use safekeeper::recovery::{self, Peer};
 use safekeeper::timeline::GlobalTimelines;
 use safekeeper::wal_backup::{self, WalBackup};
 use tracing::{info, warn};
+use utils::auth::JwtAuth;
 use utils::NodeId;
 
 #[derive(Parser)]
@@ -50,6 +51,25 @@ struct Args {
     wal_backup_enabled: bool,
     #[arg(long, default_value = "human")]
     log_format: utils::logging::LogFormat,
+    /// Ed25519 public key (PEM) or a directory of them, to verify JWTs with.
+    #[arg(long)]
+    auth_validation_public_key_path: Option<PathBuf>,
+    /// `Trust` or `NeonJWT`: tokens on the HTTP API (`/v1/status` and `/metrics` stay open).
+    #[arg(long, default_value = "Trust", value_parser = parse_auth_type, action = clap::ArgAction::Set)]
+    http_auth_type: bool,
+    /// `Trust` or `NeonJWT`: the token as the libpq password, checked against each
+    /// connection's tenant.
+    #[arg(long, default_value = "Trust", value_parser = parse_auth_type, action = clap::ArgAction::Set)]
+    pg_auth_type: bool,
+}
+
+/// `NeonJWT` → true, `Trust` → false (Neon's names).
+fn parse_auth_type(s: &str) -> Result<bool, String> {
+    match s {
+        "Trust" => Ok(false),
+        "NeonJWT" => Ok(true),
+        other => Err(format!("unknown auth type '{other}': use Trust or NeonJWT")),
+    }
 }
 
 /// Parses `--remote-storage`: a TOML inline table (as in pageserver.toml) or JSON.
@@ -81,6 +101,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.no_sync {
         warn!("--no-sync: WAL and control files are NOT fsynced; acknowledged commits can be lost on a crash. Use only in tests.");
     }
+    let jwt = match (&args.auth_validation_public_key_path, args.http_auth_type || args.pg_auth_type) {
+        (_, false) => None,
+        (None, true) => anyhow::bail!("--http-auth-type/--pg-auth-type NeonJWT need --auth-validation-public-key-path"),
+        (Some(p), true) => Some(Arc::new(JwtAuth::from_key_path(p)?)),
+    };
+    let http_auth = if args.http_auth_type { jwt.clone() } else { None };
+    let pg_auth = if args.pg_auth_type { jwt.clone() } else { None };
+    // Our own token for peers (recovery, offload polls) when they check tokens; never logged.
+    let peer_token = std::env::var("NEON_AUTH_TOKEN").ok().filter(|t| !t.is_empty());
     let timelines = Arc::new(GlobalTimelines::load(NodeId(args.id), &args.datadir, !args.no_sync)?);
     info!("safekeeper {} with {} timelines in {}", args.id, timelines.list().len(), args.datadir.display());
     let shutdown = utils::shutdown::on_signals()?;
@@ -93,10 +122,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {} (HTTP): is another process using it?", args.listen_http))?;
     info!("listening for libpq on {}, HTTP on {}", args.listen_pg, args.listen_http);
 
-    let http = axum::serve(http_listener, safekeeper::http::router(timelines.clone()))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let http = axum::serve(
+        http_listener,
+        safekeeper::http::router(timelines.clone(), http_auth).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let http_task = tokio::spawn(async move { http.await });
-    tokio::spawn(recovery::run(timelines.clone(), args.peers.clone(), None, Duration::from_secs(1), shutdown.clone()));
+    tokio::spawn(recovery::run(
+        timelines.clone(),
+        args.peers.clone(),
+        peer_token.clone(),
+        Duration::from_secs(1),
+        shutdown.clone(),
+    ));
     if let Some(rs) = &args.remote_storage {
         let storage = GenericRemoteStorage::from_config(rs)
             .await
@@ -115,7 +153,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tokio::spawn(recovery::poll_peers(
             timelines.clone(),
             args.peers.clone(),
-            None,
+            peer_token.clone(),
             Duration::from_secs(1),
             shutdown.clone(),
         ));
@@ -152,11 +190,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
             },
         };
         let _ = sock.set_nodelay(true);
-        let mut handler = SafekeeperHandler { timelines: timelines.clone() };
+        let mut handler = SafekeeperHandler { timelines: timelines.clone(), claims: None, peer: Some(peer) };
         let config = config.clone();
+        let pg_auth = pg_auth.clone();
         tokio::spawn(async move {
             let pgb = PostgresBackend::new(sock, config);
-            match pgb.run(&TrustAuth, &mut handler).await {
+            let result = match pg_auth {
+                Some(auth) => {
+                    let hook = JwtPasswordAuth::new(auth, "safekeeper", Some(peer));
+                    handler.claims = Some(hook.claims_slot());
+                    pgb.run(&hook, &mut handler).await
+                }
+                None => pgb.run(&TrustAuth, &mut handler).await,
+            };
+            match result {
                 Ok(end) => tracing::debug!("connection from {peer} ended: {end:?}"),
                 Err(e) if e.is_client_disconnect() => tracing::debug!("connection from {peer} closed: {e}"),
                 Err(e) => warn!("connection from {peer} failed: {e}"),

@@ -15,6 +15,7 @@ import requests
 from fixtures.pageserver import Pageserver
 from fixtures.paths import neon_bin
 from fixtures.pq_raw import RawPq
+from fixtures.safekeeper import Safekeeper
 
 CELLS = ["none", "expired", "bad_signature", "wrong_scope", "other_tenant", "valid"]
 
@@ -39,8 +40,9 @@ class Minter:
         return tok
 
 
-def cell_token(m: Minter, cell: str, valid_scope: str, tenant: str, other_tenant: str) -> str | None:
-    """The token of a cell for a route whose valid token is `valid_scope` (for `tenant`)."""
+def cell_token(m: Minter, cell: str, valid_scope: str, tenant: str, other_tenant: str, wrong: str | None = None) -> str | None:
+    """The token of a cell for a route whose valid token is `valid_scope` (for `tenant`);
+    `wrong`: the wrong scope to use (default: safekeeperdata for tenant routes)."""
     t = tenant if valid_scope == "tenant" else None
     if cell == "none":
         return None
@@ -50,6 +52,8 @@ def cell_token(m: Minter, cell: str, valid_scope: str, tenant: str, other_tenant
         return m.token(valid_scope, t, other_key=True)
     if cell == "wrong_scope":
         # A tenant route refuses the safekeepers' scope; a management route a tenant token.
+        if wrong:
+            return m.token(wrong)
         return m.token("safekeeperdata") if valid_scope == "tenant" else m.token("tenant", tenant)
     if cell == "other_tenant":
         return m.token("tenant", other_tenant)
@@ -223,3 +227,82 @@ def assert_no_secrets(root: Path, m: Minter) -> None:
                 if len(piece) >= 20:
                     assert piece not in text, f"secret material found in {f}"
     assert checked > 0
+
+
+def test_safekeeper_matrix(daemons, test_output_dir, port_allocator):
+    m = Minter(test_output_dir / "auth")
+    sk = Safekeeper(
+        daemons, 1, test_output_dir / "sk1", port_allocator.get(), port_allocator.get(), sync=False,
+        extra_args=["--auth-validation-public-key-path", str(m.public_key), "--http-auth-type", "NeonJWT", "--pg-auth-type", "NeonJWT"],
+    ).start()
+    base = f"http://127.0.0.1:{sk.http_port}"
+    admin = m.token("admin")
+    a, b = uuid.uuid4().hex, uuid.uuid4().hex
+    tl, tl_del, tl_new = (uuid.uuid4().hex for _ in range(3))
+    start = "0/1000028"
+
+    def call(method, path, token, body=None):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return requests.request(method, f"{base}{path}", json=body, headers=headers, timeout=30)
+
+    for x in (tl, tl_del):
+        r = call("POST", f"/v1/tenant/{a}/timeline", m.token("safekeeperdata"), {"timeline_id": x, "start_lsn": start, "pg_version": 150018})
+        assert r.status_code == 201, r.text
+
+    def sk_state() -> dict:
+        out = {}
+        for x in (tl, tl_del, tl_new):
+            r = call("GET", f"/v1/tenant/{a}/timeline/{x}", admin)
+            out[x] = r.json() if r.ok else r.status_code
+        return out
+
+    routes = [
+        ("GET", f"/v1/tenant/{a}/timeline/{tl}", None, {200}),
+        ("GET", f"/v1/tenant/{a}/timeline/{tl}/digest?from_lsn={start}&until_lsn={start}", None, {200, 400}),
+        ("POST", f"/v1/tenant/{a}/timeline", {"timeline_id": tl_new, "start_lsn": start, "pg_version": 150018}, {201}),
+        ("DELETE", f"/v1/tenant/{a}/timeline/{tl_del}", None, {200}),
+    ]
+    refusals = 0
+    for method, path, body, ok in routes:
+        before = sk_state()
+        for cell in CELLS[:-1]:
+            r = call(method, path, cell_token(m, cell, "tenant", a, b, wrong="pageserverapi"), body)
+            expected = 403 if cell in ("wrong_scope", "other_tenant") else 401
+            assert r.status_code == expected, f"{method} {path} [{cell}]: {r.status_code} {r.text}"
+            refusals += 1
+        assert sk_state() == before, f"{method} {path}: a refused request changed state"
+        r = call(method, path, cell_token(m, "valid", "tenant", a, b), body)
+        assert r.status_code in ok, f"{method} {path} [valid]: {r.status_code} {r.text}"
+    # safekeeperdata reaches every tenant's routes; non-tenant routes need it.
+    assert call("GET", f"/v1/tenant/{a}/timeline/{tl}", m.token("safekeeperdata")).ok
+    assert requests.get(f"{base}/v1/status", timeout=5).ok and requests.get(f"{base}/metrics", timeout=5).ok
+    after = sk_state()
+    assert after[tl_del] == 404 and isinstance(after[tl_new], dict)
+
+    # libpq: every command of the endpoint.
+    options = f"-c tenant_id={a} -c timeline_id={tl}"
+    commands = ["IDENTIFY_SYSTEM", "TIMELINE_STATUS", f"START_REPLICATION PHYSICAL {start}", "START_WAL_PUSH"]
+    for command in commands:
+        before = sk_state()
+        for cell in CELLS:
+            tok = cell_token(m, cell, "tenant", a, b, wrong="pageserverapi")
+            try:
+                c = RawPq(sk.pg_port, {"user": "test", "options": options}, password=tok or "")
+            except RuntimeError as e:
+                assert cell in ("none", "expired", "bad_signature") and "28P01" in str(e), f"{command} [{cell}]: {e}"
+                continue
+            try:
+                c.query(command)
+                tag, payload = c.read_until_error_or({b"T", b"W"})
+            finally:
+                c.close()
+            if cell == "valid":
+                assert tag != b"E" or b"28000" not in payload and b"28P01" not in payload, f"{command}: {payload!r}"
+            else:
+                assert tag == b"E" and b"28000" in payload, f"{command} [{cell}]: {tag!r} {payload!r}"
+        if command != "START_WAL_PUSH":
+            assert sk_state() == before, f"{command}: state changed"
+    sk.stop()
+    log = (test_output_dir / "safekeeper1.log").read_text()
+    assert sum(1 for line in log.splitlines() if "audit" in line and 'outcome="denied"' in line) >= refusals
+    assert_no_secrets(test_output_dir, m)
