@@ -51,7 +51,12 @@ hash_tree() { # stable hash of the files under $1 (names and contents)
 # Contrib modules the tests use (spi: autoinc and refint, which the regression suite loads).
 CONTRIB=(amcheck pageinspect pg_buffercache pg_prewarm pg_stat_statements pgstattuple spi)
 
-core_key="${PG_VERSION}-$(hash_tree "$here/patches")"
+# A build made while liblz4-dev/libzstd-dev were missing lacks lz4/zstd WAL compression (configure
+# drops them, see configure_flags): it gets its own key, so it is not reused once they are there.
+missing_libs=""
+[ -f /usr/include/lz4.h ] || missing_libs+="-nolz4"
+[ -f /usr/include/zstd.h ] || missing_libs+="-nozstd"
+core_key="${PG_VERSION}-$(hash_tree "$here/patches")${missing_libs}"
 # The install also changes with the contrib list (modules are added to an existing core build).
 final_key="${core_key}-$(hash_tree "$repo/pgxn")-$(printf '%s' "${CONTRIB[*]}" | sha256sum | cut -c1-8)"
 core_dir="$CACHE/core-$core_key"       # source tree (built) + install of patched Postgres

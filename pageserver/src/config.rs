@@ -38,7 +38,13 @@ pub struct PageServerConf {
     pub http_auth: Option<Arc<JwtAuth>>,
     /// `pg_auth_type = 'NeonJWT'`: the page service takes a token as the password.
     pub pg_auth: Option<Arc<JwtAuth>>,
+    /// HTTP requests of one tenant handled at once; more get 429 (one tenant cannot tie up the
+    /// API for the others).
+    pub http_tenant_concurrency_limit: usize,
 }
+
+/// Default [`PageServerConf::http_tenant_concurrency_limit`].
+pub const DEFAULT_HTTP_TENANT_CONCURRENCY_LIMIT: usize = 16;
 
 /// `http_auth_type` / `pg_auth_type`: Neon's names.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -78,6 +84,8 @@ pub struct ConfFile {
     pub http_auth_type: AuthType,
     #[serde(default)]
     pub pg_auth_type: AuthType,
+    /// See [`PageServerConf::http_tenant_concurrency_limit`].
+    pub http_tenant_concurrency_limit: Option<usize>,
 }
 
 /// Parses durations like `10s`, `500ms`, `10m`, `1h`, `7d`.
@@ -147,9 +155,15 @@ impl PageServerConf {
         let pick = |t: AuthType| if t == AuthType::NeonJWT { jwt.clone() } else { None };
         let http_auth = pick(file.http_auth_type);
         let pg_auth = pick(file.pg_auth_type);
+        let http_tenant_concurrency_limit =
+            file.http_tenant_concurrency_limit.unwrap_or(DEFAULT_HTTP_TENANT_CONCURRENCY_LIMIT);
+        if http_tenant_concurrency_limit == 0 {
+            anyhow::bail!("{}: http_tenant_concurrency_limit must be at least 1", path.display());
+        }
         Ok(PageServerConf {
             http_auth,
             pg_auth,
+            http_tenant_concurrency_limit,
             id: NodeId(file.id.unwrap_or(1)),
             workdir: workdir.to_path_buf(),
             listen_pg_addr: addr(file.listen_pg_addr, "127.0.0.1:64000", "listen_pg_addr")?,

@@ -62,6 +62,18 @@ impl From<TenantMgrError> for ApiError {
     }
 }
 
+/// A body that is not the expected JSON: 413 if it is over [`MAX_REQUEST_BODY_BYTES`], else 400.
+fn json_rejection(e: JsonRejection, what: &str) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("{what}: the body is over the {MAX_REQUEST_BODY_BYTES}-byte limit of this API"),
+        )
+    } else {
+        bad(format!("bad {what}: {}", e.body_text()))
+    }
+}
+
 fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
@@ -161,8 +173,51 @@ async fn auth_middleware(State(auth): State<Option<Arc<JwtAuth>>>, req: Request,
     resp
 }
 
+/// Largest request body the API accepts (its bodies are small JSON objects); larger ones get 413
+/// before any handler runs.
+pub const MAX_REQUEST_BODY_BYTES: usize = 256 * 1024;
+
+/// Requests in flight per tenant, bounded by `http_tenant_concurrency_limit`.
+pub struct TenantLimits {
+    permits: usize,
+    semaphores: std::sync::Mutex<std::collections::HashMap<TenantId, Arc<tokio::sync::Semaphore>>>,
+}
+
+impl TenantLimits {
+    pub fn new(permits: usize) -> TenantLimits {
+        TenantLimits { permits, semaphores: std::sync::Mutex::new(std::collections::HashMap::new()) }
+    }
+
+    fn semaphore(&self, tenant: TenantId) -> Arc<tokio::sync::Semaphore> {
+        let mut map = self.semaphores.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(map.entry(tenant).or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.permits))))
+    }
+}
+
+/// Refuses a tenant's request with 429 while `permits` of its requests are in flight.
+async fn tenant_limit_middleware(State(limits): State<Arc<TenantLimits>>, req: Request, next: Next) -> Response {
+    let segs: Vec<&str> = req.uri().path().trim_matches('/').split('/').collect();
+    let tenant = match segs.as_slice() {
+        ["v1", "tenant", t, ..] => t.parse::<TenantId>().ok(),
+        _ => None,
+    };
+    let Some(tenant) = tenant else { return next.run(req).await };
+    let Ok(_permit) = limits.semaphore(tenant).try_acquire_owned() else {
+        return ApiError(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "tenant {tenant} has {} API requests in flight (http_tenant_concurrency_limit); retry when one finishes",
+                limits.permits
+            ),
+        )
+        .into_response();
+    };
+    next.run(req).await
+}
+
 pub fn router(mgr: Arc<TenantManager>) -> Router {
     let auth = mgr.conf.http_auth.clone();
+    let limits = Arc::new(TenantLimits::new(mgr.conf.http_tenant_concurrency_limit));
     Router::new()
         .route(
             "/v1/status",
@@ -182,6 +237,9 @@ pub fn router(mgr: Arc<TenantManager>) -> Router {
         .route("/v1/tenant/{tenant_id}/timeline/{timeline_id}/get_lsn_by_timestamp", get(get_lsn_by_timestamp))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
         .with_state(mgr)
+        .layer(axum::middleware::from_fn_with_state(limits, tenant_limit_middleware))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
+        // Outermost: nothing runs for a request whose token is refused.
         .layer(axum::middleware::from_fn_with_state(auth, auth_middleware))
 }
 
@@ -230,7 +288,7 @@ async fn create_tenant(
     State(m): State<Arc<TenantManager>>,
     body: Result<Json<TenantCreateRequest>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let Json(req) = body.map_err(|e| bad(format!("bad tenant create request: {}", e.body_text())))?;
+    let Json(req) = body.map_err(|e| json_rejection(e, "tenant create request"))?;
     let id = req.tenant_id.unwrap_or_else(TenantId::generate);
     m.create_tenant(id, req.config).await?;
     Ok((StatusCode::CREATED, Json(serde_json::json!({ "id": id }))))
@@ -268,9 +326,8 @@ async fn set_tenant_config(
     body: Result<Json<std::collections::BTreeMap<String, serde_json::Value>>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = tenant_id(&t)?;
-    let Json(raw) = body.map_err(|e| {
-        bad(format!("bad tenant config: {}; send a JSON object like {{\"pitr_interval\": \"1h\"}}", e.body_text()))
-    })?;
+    let Json(raw) =
+        body.map_err(|e| json_rejection(e, "tenant config (send a JSON object like {\"pitr_interval\": \"1h\"})"))?;
     let mut overrides = std::collections::BTreeMap::new();
     for (k, v) in raw {
         let v = match v {
@@ -339,7 +396,7 @@ async fn create_timeline(
     body: Result<Json<TimelineCreateRequest>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let t = tenant_id(&t)?;
-    let Json(req) = body.map_err(|e| bad(format!("bad timeline create request: {}", e.body_text())))?;
+    let Json(req) = body.map_err(|e| json_rejection(e, "timeline create request"))?;
     if let Some(v) = req.pg_version {
         if v != 15 && v / 10000 != 15 {
             return Err(bad(format!("Postgres version {v} is not supported; use 15")));

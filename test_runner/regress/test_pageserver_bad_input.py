@@ -234,7 +234,8 @@ def test_bad_http_requests(daemons, test_output_dir, port_allocator):
     check(requests.post(f"{base}/v1/tenant/{tenant_id}/timeline", json={"new_timeline_id": uuid.uuid4().hex, "pg_version": 14}, timeout=10), 400, "version")
     check(requests.post(f"{base}/v1/tenant/{tenant_id}/timeline", json={"new_timeline_id": uuid.uuid4().hex, "ancestor_start_lsn": "0/1"}, timeout=10), 400, "ancestor_timeline_id")
     check(requests.post(f"{base}/v1/tenant/{tenant_id}/timeline", json={"new_timeline_id": uuid.uuid4().hex, "ancestor_timeline_id": timeline_id, "ancestor_start_lsn": "zz"}, timeout=10), 400)
-    check(requests.post(f"{base}/v1/tenant", json={"config": {"checkpoint_distance": "1"}}, timeout=10), 400, "not supported")
+    check(requests.post(f"{base}/v1/tenant", json={"config": {"checkpoint_distanse": "1"}}, timeout=10), 400, "unknown tenant setting")
+    check(requests.post(f"{base}/v1/tenant", json={"config": {"checkpoint_distance": "0"}}, timeout=10), 400, "checkpoint_distance")
 
     # Bad and unknown ids.
     check(requests.get(f"{base}/v1/tenant/not-hex", timeout=10), 400)

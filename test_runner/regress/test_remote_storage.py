@@ -78,11 +78,15 @@ def test_upload_wipe_restore(remote, daemons, safekeeper_cluster, test_output_di
         timeout_s=30,
     )
 
-    # Attach on the other pageserver: it downloads the tenant and has the same timeline.
+    # Attach on the other pageserver: it downloads the tenant (with its settings) and has the
+    # same timeline.
+    overrides = {"pitr_interval": "2h", "compaction_period": "0s"}
+    assert requests.put(f"{ps.http}/v1/tenant/{tenant}/config", json=overrides, timeout=30).ok
     r = requests.post(f"{other.http}/v1/tenant/{tenant}/attach", timeout=300)
     assert r.status_code == 201, r.text
     attached = other.timeline(tenant, timeline)
     assert attached["disk_consistent_lsn"] == info["disk_consistent_lsn"]
+    assert requests.get(f"{other.http}/v1/tenant/{tenant}/config", timeout=10).json()["tenant_specific_overrides"] == overrides
     assert requests.post(f"{other.http}/v1/tenant/{tenant}/attach", timeout=30).status_code == 409
     r = requests.post(f"{other.http}/v1/tenant/{uuid.uuid4().hex}/attach", timeout=30)
     assert r.status_code == 404, r.text

@@ -19,6 +19,7 @@ use utils::{TenantId, TimelineId};
 
 use super::index::{IndexPart, LayerFileMetadata};
 use super::{remote_index_path, remote_layer_path, remote_tenant_path, Checksummer, REMOTE_TENANTS_PREFIX};
+use crate::tenant::config::TENANT_CONFIG_FILE_NAME;
 use crate::tenant::metadata::save_metadata;
 use crate::tenant::timeline::{timeline_path, TENANTS_DIR_NAME, TIMELINES_DIR_NAME};
 
@@ -155,15 +156,32 @@ pub async fn local_timelines_remote_indexes(
     out
 }
 
-/// Restores every timeline of `tenant_id` that has a remote index and no local directory.
-/// Returns how many were restored.
+/// Restores every timeline of `tenant_id` that has a remote index and no local directory, and
+/// the tenant's settings (`config.json`) if they are in remote storage and not here. Returns how
+/// many timelines were restored.
 pub async fn restore_tenant(
     storage: &GenericRemoteStorage,
     workdir: &Path,
     tenant_id: TenantId,
 ) -> anyhow::Result<usize> {
-    let timelines_dir = workdir.join(TENANTS_DIR_NAME).join(tenant_id.to_string()).join(TIMELINES_DIR_NAME);
+    let tenant_dir = workdir.join(TENANTS_DIR_NAME).join(tenant_id.to_string());
+    let timelines_dir = tenant_dir.join(TIMELINES_DIR_NAME);
     tokio::fs::create_dir_all(&timelines_dir).await.with_context(|| format!("creating {}", timelines_dir.display()))?;
+    let config_path = tenant_dir.join(TENANT_CONFIG_FILE_NAME);
+    if !config_path.exists() {
+        let remote = remote_tenant_path(tenant_id).join(TENANT_CONFIG_FILE_NAME)?;
+        match storage.get_bytes(&remote).await {
+            Ok(bytes) => {
+                let temp = tenant_dir.join(format!("{TENANT_CONFIG_FILE_NAME}.download"));
+                tokio::fs::write(&temp, &bytes).await.with_context(|| format!("writing {}", temp.display()))?;
+                tokio::fs::File::open(&temp).await?.sync_all().await?;
+                tokio::fs::rename(&temp, &config_path).await.with_context(|| format!("renaming {}", temp.display()))?;
+                info!(tenant = %tenant_id, "restored the tenant's settings from remote storage");
+            }
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(anyhow::anyhow!("downloading {remote}: {e}")),
+        }
+    }
     let mut restored = 0;
     for timeline_id in list_remote_timelines(storage, tenant_id).await? {
         if timeline_path(workdir, tenant_id, timeline_id).exists() {
