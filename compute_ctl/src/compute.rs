@@ -57,6 +57,14 @@ async fn step<T>(
     r
 }
 
+/// This compute's token (`$NEON_AUTH_TOKEN`, a `tenant` token for its tenant) for the
+/// pageserver and the safekeepers when they check tokens; sent only when a server asks for a
+/// password, never logged. Postgres gets it as `PGPASSWORD` (the `neon` extension's pageserver
+/// connection and a replica's `primary_conninfo` use libpq).
+pub fn auth_token() -> Option<String> {
+    std::env::var("NEON_AUTH_TOKEN").ok().filter(|t| !t.is_empty())
+}
+
 /// (flush, commit) LSN of the timeline on every safekeeper that answers TIMELINE_STATUS.
 async fn safekeeper_positions(spec: &ComputeSpec) -> Vec<(Lsn, Lsn)> {
     let mut answers = Vec::new();
@@ -69,6 +77,7 @@ async fn safekeeper_positions(spec: &ComputeSpec) -> Vec<(Lsn, Lsn)> {
                 ("timeline_id".into(), spec.timeline_id.to_string()),
             ];
             c.connect_timeout = Duration::from_secs(3);
+            c.password = auth_token();
             let mut client = Client::connect(&c).await?;
             let rows = client.simple_query("TIMELINE_STATUS").await?;
             let row = rows.first().context("no row")?;
@@ -115,7 +124,7 @@ async fn primary_start_lsn(spec: &ComputeSpec) -> anyhow::Result<Lsn> {
         system_id: 0,
         pg_version: 150018,
         wal_seg_size: 16 * 1024 * 1024,
-        safekeeper_password: None,
+        safekeeper_password: auth_token(),
         reconnect_backoff_max: Duration::from_secs(2),
     };
     match tokio::time::timeout(Duration::from_secs(120), driver::run(cfg, CancellationToken::new())).await {
@@ -138,6 +147,7 @@ async fn fetch_basebackup(
     let hp = host_port(&spec.pageserver)?;
     let mut c = ConnectConfig::new(hp.host.clone(), hp.port, SUPERUSER);
     c.connect_timeout = Duration::from_secs(10);
+    c.password = auth_token();
     let mut client =
         Client::connect(&c).await.with_context(|| format!("connecting to the pageserver at {}", spec.pageserver))?;
     let (at, what) = match lsn {
@@ -311,6 +321,7 @@ async fn lease_once(spec: &ComputeSpec, lsn: Lsn) -> anyhow::Result<Duration> {
     let hp = host_port(&spec.pageserver)?;
     let mut c = ConnectConfig::new(hp.host.clone(), hp.port, SUPERUSER);
     c.connect_timeout = Duration::from_secs(10);
+    c.password = auth_token();
     let mut client = Client::connect(&c).await?;
     let rows = client.simple_query(&format!("lease lsn {} {} {lsn}", spec.tenant_id, spec.timeline_id)).await?;
     let millis: u128 = rows
@@ -356,6 +367,9 @@ pub async fn run(
     }
     let mut cmd = tokio::process::Command::from(command_as(os_user.as_ref(), &pg_install.join("bin/postgres")));
     cmd.arg("-D").arg(&pgdata).stdin(Stdio::null()).kill_on_drop(true);
+    if let Some(token) = auth_token() {
+        cmd.env("PGPASSWORD", token);
+    }
     let mut child = cmd.spawn().context("starting postgres")?;
     step(&status, "start Postgres", wait_ready(spec.pg_port, &pgdata, &mut child)).await?;
     // Not a child of `shutdown`: the walproposer stops after Postgres, so that it can still pass
@@ -373,7 +387,7 @@ pub async fn run(
             system_id: 0,
             pg_version: 150018,
             wal_seg_size: 16 * 1024 * 1024,
-            safekeeper_password: None,
+            safekeeper_password: auth_token(),
             reconnect_backoff_max: Duration::from_secs(2),
         };
         Some(tokio::spawn(driver::run(cfg, wp_stop.clone())))

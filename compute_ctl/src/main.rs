@@ -63,6 +63,11 @@ enum Cmd {
         /// HTTP API address (status, metrics, terminate).
         #[arg(long, default_value = "127.0.0.1:3080")]
         http_addr: std::net::SocketAddr,
+        /// Ed25519 public key (PEM) or a directory of them: the HTTP API then needs an `admin`
+        /// token or a `tenant` token for this compute's tenant. The compute's own token for
+        /// the pageserver and safekeepers comes from $NEON_AUTH_TOKEN.
+        #[arg(long)]
+        auth_public_key_path: Option<PathBuf>,
     },
     /// Elect a proposer, make a quorum of safekeepers agree, print the start LSN, exit.
     SyncSafekeepers {
@@ -132,7 +137,7 @@ fn main() -> ExitCode {
                     Ok(Err(e)) => Err(e),
                 }
             }
-            Cmd::Run { spec, pgdata, pg_install, http_addr } => {
+            Cmd::Run { spec, pgdata, pg_install, http_addr, auth_public_key_path } => {
                 let text = std::fs::read_to_string(&spec)
                     .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", spec.display()))?;
                 let spec = spec::ComputeSpec::parse(&text)?;
@@ -141,7 +146,15 @@ fn main() -> ExitCode {
                 let listener = tokio::net::TcpListener::bind(http_addr)
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot listen on {http_addr} (HTTP): {e}"))?;
-                let app = http::router(status.clone(), shutdown.clone());
+                let auth = match &auth_public_key_path {
+                    Some(p) => Some(http::HttpAuth {
+                        jwt: Arc::new(utils::auth::JwtAuth::from_key_path(p)?),
+                        tenant_id: spec.tenant_id,
+                    }),
+                    None => None,
+                };
+                let app = http::router(status.clone(), shutdown.clone(), auth)
+                    .into_make_service_with_connect_info::<std::net::SocketAddr>();
                 tokio::spawn(async move { axum::serve(listener, app).await });
                 compute::run(spec, pgdata, pg_install, status, shutdown).await
             }

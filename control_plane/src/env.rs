@@ -86,6 +86,10 @@ pub struct Config {
     /// JSON: they offload WAL to the same place (under `wal/`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub safekeeper_remote_storage: Option<serde_json::Value>,
+    /// `init --auth`: every daemon checks JWTs against `auth/public.pem`; tokens are minted
+    /// from `auth/private.pem` when a daemon starts (see [`Env::token`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auth: bool,
 }
 
 pub struct Env {
@@ -100,6 +104,19 @@ pub struct Daemon {
     pub argv: Vec<String>,
     pub health_url: String,
     pub ports: Vec<u16>,
+    /// Extra environment (the daemon's token as `NEON_AUTH_TOKEN`); never printed.
+    pub env: Vec<(String, String)>,
+}
+
+/// neon_local's own token for the daemons' HTTP APIs (`admin`), when the environment has auth.
+static HTTP_TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Adds neon_local's bearer token to a request when the environment has auth.
+fn authed(req: ureq::Request) -> ureq::Request {
+    match HTTP_TOKEN.get() {
+        Some(t) => req.set("Authorization", &format!("Bearer {t}")),
+        None => req,
+    }
 }
 
 fn repo_dir() -> PathBuf {
@@ -254,28 +271,28 @@ fn api_error(peer: &Peer, url: &str, e: ureq::Error) -> anyhow::Error {
 }
 
 fn http_get(peer: &Peer, url: &str) -> anyhow::Result<serde_json::Value> {
-    match ureq::get(url).timeout(Duration::from_secs(10)).call() {
+    match authed(ureq::get(url)).timeout(Duration::from_secs(10)).call() {
         Ok(resp) => Ok(resp.into_json()?),
         Err(e) => Err(api_error(peer, url, e)),
     }
 }
 
 fn http_post(peer: &Peer, url: &str, body: serde_json::Value) -> anyhow::Result<serde_json::Value> {
-    match ureq::post(url).timeout(Duration::from_secs(180)).send_json(body) {
+    match authed(ureq::post(url)).timeout(Duration::from_secs(180)).send_json(body) {
         Ok(resp) => Ok(resp.into_json()?),
         Err(e) => Err(api_error(peer, url, e)),
     }
 }
 
 fn http_put(peer: &Peer, url: &str, body: serde_json::Value) -> anyhow::Result<serde_json::Value> {
-    match ureq::put(url).timeout(Duration::from_secs(180)).send_json(body) {
+    match authed(ureq::put(url)).timeout(Duration::from_secs(180)).send_json(body) {
         Ok(resp) => Ok(resp.into_json()?),
         Err(e) => Err(api_error(peer, url, e)),
     }
 }
 
 fn http_delete(peer: &Peer, url: &str) -> anyhow::Result<()> {
-    match ureq::delete(url).timeout(Duration::from_secs(30)).call() {
+    match authed(ureq::delete(url)).timeout(Duration::from_secs(30)).call() {
         Ok(_) => Ok(()),
         Err(e) => Err(api_error(peer, url, e)),
     }
@@ -296,6 +313,7 @@ impl Env {
         remote: &RemoteStorage,
         encryption: Option<&RemoteEncryption>,
         force: bool,
+        auth: bool,
     ) -> anyhow::Result<Env> {
         let dir = repo_dir();
         let mut remote_section = remote.toml_section(&std::path::absolute(&dir)?.join("remote_storage"))?;
@@ -368,14 +386,24 @@ impl Env {
             branches: BTreeMap::new(),
             endpoints: BTreeMap::new(),
             safekeeper_remote_storage,
+            auth,
         };
         let env = Env { dir, conf };
         fs::create_dir_all(env.dir.join("pageserver"))?;
+        let auth_section = if auth {
+            utils::auth::write_keypair(&env.auth_dir())?;
+            format!(
+                "auth_validation_public_key_path = '{}'\nhttp_auth_type = 'NeonJWT'\npg_auth_type = 'NeonJWT'\n",
+                std::path::absolute(env.auth_dir().join("public.pem"))?.display()
+            )
+        } else {
+            String::new()
+        };
         let sks: Vec<String> = env.conf.safekeepers.iter().map(|s| format!("'127.0.0.1:{}'", s.pg_port)).collect();
         fs::write(
             env.dir.join("pageserver/pageserver.toml"),
             format!(
-                "id = 1\nlisten_pg_addr = '127.0.0.1:{}'\nlisten_http_addr = '127.0.0.1:{}'\npg_distrib_dir = '{}'\nsafekeepers = [{}]\n{remote_section}",
+                "id = 1\nlisten_pg_addr = '127.0.0.1:{}'\nlisten_http_addr = '127.0.0.1:{}'\npg_distrib_dir = '{}'\nsafekeepers = [{}]\n{auth_section}{remote_section}",
                 env.conf.pageserver.pg_port,
                 env.conf.pageserver.http_port,
                 env.conf.pg_install.display(),
@@ -393,7 +421,13 @@ impl Env {
         let text = fs::read_to_string(&path)
             .with_context(|| format!("no environment at {}: run 'neon_local init' first", dir.display()))?;
         let conf = serde_json::from_str(&text).with_context(|| format!("bad {}", path.display()))?;
-        Ok(Env { dir, conf })
+        let env = Env { dir, conf };
+        if env.conf.auth {
+            if let Some(t) = env.token(utils::auth::Scope::Admin, None)? {
+                let _ = HTTP_TOKEN.set(t);
+            }
+        }
+        Ok(env)
     }
 
     fn save(&self) -> anyhow::Result<()> {
@@ -408,6 +442,43 @@ impl Env {
         self.conf.bin_dir.join(name).display().to_string()
     }
 
+    pub fn auth_dir(&self) -> PathBuf {
+        self.dir.join("auth")
+    }
+
+    /// A fresh token (valid 7 days) when the environment has auth, minted from its private key.
+    pub fn token(&self, scope: utils::auth::Scope, tenant_id: Option<TenantId>) -> anyhow::Result<Option<String>> {
+        if !self.conf.auth {
+            return Ok(None);
+        }
+        let key_path = self.auth_dir().join("private.pem");
+        let key = fs::read(&key_path).with_context(|| format!("reading {}", key_path.display()))?;
+        let exp = utils::auth::now_unix_secs() + 7 * 24 * 3600;
+        Ok(Some(utils::auth::encode(&key, &utils::auth::Claims { scope, tenant_id, exp })?))
+    }
+
+    /// `NEON_AUTH_TOKEN` for a daemon, or nothing without auth.
+    fn token_env(&self, scope: utils::auth::Scope, tenant_id: Option<TenantId>) -> Vec<(String, String)> {
+        match self.token(scope, tenant_id) {
+            Ok(Some(t)) => vec![("NEON_AUTH_TOKEN".to_string(), t)],
+            _ => Vec::new(),
+        }
+    }
+
+    /// The safekeepers' auth flags.
+    fn auth_args(&self, public_key_flag: &str) -> Vec<String> {
+        if !self.conf.auth {
+            return Vec::new();
+        }
+        let key = std::path::absolute(self.auth_dir().join("public.pem"))
+            .unwrap_or_else(|_| self.auth_dir().join("public.pem"));
+        let mut args = vec![public_key_flag.to_string(), key.display().to_string()];
+        if public_key_flag == "--auth-validation-public-key-path" {
+            args.extend(["--http-auth-type", "NeonJWT", "--pg-auth-type", "NeonJWT"].map(String::from));
+        }
+        args
+    }
+
     fn ps_http(&self) -> String {
         format!("http://127.0.0.1:{}", self.conf.pageserver.http_port)
     }
@@ -420,6 +491,8 @@ impl Env {
             dir,
             health_url: format!("{}/v1/status", self.ps_http()),
             ports: vec![self.conf.pageserver.pg_port, self.conf.pageserver.http_port],
+            // For the safekeepers (WAL receiver).
+            env: self.token_env(utils::auth::Scope::SafekeeperData, None),
         }
     }
 
@@ -449,12 +522,15 @@ impl Env {
             argv.push("--remote-storage".into());
             argv.push(rs.to_string());
         }
+        argv.extend(self.auth_args("--auth-validation-public-key-path"));
         Ok(Daemon {
             name: format!("safekeeper {id}"),
             dir,
             argv,
             health_url: format!("http://127.0.0.1:{}/v1/status", sk.http_port),
             ports: vec![sk.pg_port, sk.http_port],
+            // For its peers (recovery, offload polls).
+            env: self.token_env(utils::auth::Scope::SafekeeperData, None),
         })
     }
 
@@ -465,7 +541,7 @@ impl Env {
     pub fn daemon_status(&self, d: &Daemon) -> String {
         match Self::read_pid(d) {
             Some(pid) => {
-                let healthy = ureq::get(&d.health_url).timeout(Duration::from_secs(2)).call().is_ok();
+                let healthy = authed(ureq::get(&d.health_url)).timeout(Duration::from_secs(2)).call().is_ok();
                 format!(
                     "{}: running (pid {pid}, ports {:?}, {})",
                     d.name,
@@ -496,12 +572,13 @@ impl Env {
         let log = fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
         let mut cmd = Command::new(&d.argv[0]);
         cmd.args(&d.argv[1..]).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0);
+        cmd.envs(d.env.iter().map(|(k, v)| (k, v)));
         let child = cmd.spawn().with_context(|| format!("starting {}", d.name))?;
         fs::write(d.dir.join("pid"), child.id().to_string())?;
         print!("starting {} (pid {}, waiting for {})...", d.name, child.id(), d.health_url);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if ureq::get(&d.health_url).timeout(Duration::from_secs(1)).call().is_ok() {
+            if authed(ureq::get(&d.health_url)).timeout(Duration::from_secs(1)).call().is_ok() {
                 println!(" ok");
                 return Ok(());
             }
@@ -1009,22 +1086,26 @@ impl Env {
             .get(name)
             .with_context(|| format!("endpoint '{name}' does not exist; see 'neon_local endpoint list'"))?;
         let dir = self.endpoint_dir(name);
+        let mut argv = vec![
+            self.bin("compute_ctl"),
+            "run".into(),
+            "--spec".into(),
+            dir.join("spec.json").display().to_string(),
+            "--pgdata".into(),
+            dir.join("pgdata").display().to_string(),
+            "--pg-install".into(),
+            self.conf.pg_install.display().to_string(),
+            "--http-addr".into(),
+            format!("127.0.0.1:{}", ep.http_port),
+        ];
+        argv.extend(self.auth_args("--auth-public-key-path"));
         Ok(Daemon {
             name: format!("endpoint '{name}'"),
-            argv: vec![
-                self.bin("compute_ctl"),
-                "run".into(),
-                "--spec".into(),
-                dir.join("spec.json").display().to_string(),
-                "--pgdata".into(),
-                dir.join("pgdata").display().to_string(),
-                "--pg-install".into(),
-                self.conf.pg_install.display().to_string(),
-                "--http-addr".into(),
-                format!("127.0.0.1:{}", ep.http_port),
-            ],
+            argv,
             health_url: format!("http://127.0.0.1:{}/status", ep.http_port),
             ports: vec![ep.pg_port, ep.http_port],
+            // The compute's own tenant token: pageserver, safekeepers, and Postgres's reads.
+            env: self.token_env(utils::auth::Scope::Tenant, Some(ep.tenant_id)),
             dir,
         })
     }
@@ -1204,7 +1285,7 @@ impl Env {
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut last = None;
         loop {
-            let st = ureq::get(&d.health_url)
+            let st = authed(ureq::get(&d.health_url))
                 .timeout(Duration::from_secs(2))
                 .call()
                 .ok()

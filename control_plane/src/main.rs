@@ -56,9 +56,23 @@ enum Cmd {
         /// Remove an existing environment first.
         #[arg(long)]
         force: bool,
+        /// Turn on JWT auth everywhere: an Ed25519 key pair in .neon/auth/, every daemon and
+        /// compute_ctl checking tokens, each given its own (NEON_AUTH_TOKEN).
+        #[arg(long)]
+        auth: bool,
     },
     /// Start the pageserver and the safekeepers.
     Start,
+    /// Print a token of this environment (`init --auth`), e.g. for curl:
+    /// `curl -H "Authorization: Bearer $(neon_local auth-token --scope pageserverapi)" ...`.
+    AuthToken {
+        /// tenant, pageserverapi, safekeeperdata or admin.
+        #[arg(long)]
+        scope: utils::auth::Scope,
+        /// For `--scope tenant`.
+        #[arg(long)]
+        tenant_id: Option<utils::TenantId>,
+    },
     /// Stop endpoints and daemons.
     Stop {
         #[arg(long, value_enum, default_value = "fast")]
@@ -216,6 +230,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             encryption_kek_file,
             encryption_kek_id,
             force,
+            auth,
         } => {
             let s3_given = s3_endpoint.is_some() || s3_bucket.is_some() || s3_region.is_some() || s3_prefix.is_some();
             let remote = match remote_storage {
@@ -241,7 +256,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 Some(kek_file) => Some(RemoteEncryption::new(encryption_kek_id, &kek_file)?),
             };
-            let env = Env::init(num_safekeepers, &remote, encryption.as_ref(), force)?;
+            let env = Env::init(num_safekeepers, &remote, encryption.as_ref(), force, auth)?;
             println!(
                 "initialized {} with {num_safekeepers} safekeepers{}{}",
                 env.dir.display(),
@@ -255,6 +270,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     Some(e) => format!(", encrypted under key-encryption key '{}'", e.kek_id),
                 }
             );
+            if auth {
+                let ps = &env.conf.pageserver;
+                println!(
+                    "auth is on: keys in {dir} (public.pem checks tokens; keep private.pem secret).\n\
+                     Every daemon and compute gets its own token at start (NEON_AUTH_TOKEN); neon_local uses an admin token.\n\
+                     HTTP APIs need 'Authorization: Bearer <token>' (/v1/status and /metrics are open), e.g.\n  \
+                     curl -H \"Authorization: Bearer $(neon_local auth-token --scope pageserverapi)\" http://127.0.0.1:{}/v1/tenant\n\
+                     The page service and safekeepers take the token as the libpq password, e.g.\n  \
+                     PGPASSWORD=$(neon_local auth-token --scope tenant --tenant-id <id>) psql -h 127.0.0.1 -p {} ...\n\
+                     Endpoints are plain Postgres: 'neon_local endpoint start NAME' prints their connection string.",
+                    ps.http_port,
+                    ps.pg_port,
+                    dir = env.auth_dir().display(),
+                );
+            }
+        }
+        Cmd::AuthToken { scope, tenant_id } => {
+            if scope == utils::auth::Scope::Tenant && tenant_id.is_none() {
+                anyhow::bail!("--scope tenant needs --tenant-id");
+            }
+            let env = Env::load()?;
+            match env.token(scope, tenant_id)? {
+                Some(t) => println!("{t}"),
+                None => anyhow::bail!("this environment has no auth: create it with 'neon_local init --auth'"),
+            }
         }
         Cmd::Start => {
             let env = Env::load()?;

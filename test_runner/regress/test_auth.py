@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from fixtures.neon_local import neon_env  # noqa: F401
 from fixtures.pageserver import Pageserver
 from fixtures.paths import neon_bin
 from fixtures.pq_raw import RawPq
@@ -306,3 +307,118 @@ def test_safekeeper_matrix(daemons, test_output_dir, port_allocator):
     log = (test_output_dir / "safekeeper1.log").read_text()
     assert sum(1 for line in log.splitlines() if "audit" in line and 'outcome="denied"' in line) >= refusals
     assert_no_secrets(test_output_dir, m)
+
+
+def test_compute_with_auth(daemons, test_output_dir, port_allocator):
+    """The whole stack with auth on: a compute reaches its tenant through its token alone (the
+    neon extension's pageserver reads, the walproposer's safekeepers, basebackup and leases), and
+    compute_ctl's HTTP API takes the matrix; no token appears in any log (Postgres's included)."""
+    from fixtures.compute import Compute
+
+    m = Minter(test_output_dir / "auth")
+    flags = ["--auth-validation-public-key-path", str(m.public_key), "--http-auth-type", "NeonJWT", "--pg-auth-type", "NeonJWT"]
+    sk = Safekeeper(daemons, 1, test_output_dir / "sk1", port_allocator.get(), port_allocator.get(), sync=False, extra_args=flags).start()
+    ps = Pageserver(
+        daemons,
+        test_output_dir / "pageserver",
+        port_allocator.get(),
+        port_allocator.get(),
+        [sk.addr],
+        extra_conf=f"auth_validation_public_key_path = '{m.public_key}'\nhttp_auth_type = 'NeonJWT'\npg_auth_type = 'NeonJWT'\n",
+        env={**__import__("os").environ, "NEON_AUTH_TOKEN": m.token("safekeeperdata")},
+    ).start()
+    a, b = uuid.uuid4().hex, uuid.uuid4().hex
+    tl = uuid.uuid4().hex
+    api = m.token("pageserverapi")
+    assert req(ps, "POST", "/v1/tenant", api, {"tenant_id": a}).status_code == 201
+    start = req(ps, "POST", f"/v1/tenant/{a}/timeline", api, {"new_timeline_id": tl}).json()["last_record_lsn"]
+    r = requests.post(
+        f"http://127.0.0.1:{sk.http_port}/v1/tenant/{a}/timeline",
+        json={"timeline_id": tl, "start_lsn": start, "pg_version": 150018},
+        headers={"Authorization": f"Bearer {m.token('safekeeperdata')}"},
+        timeout=10,
+    )
+    assert r.status_code == 201, r.text
+    daemons.allow_errors("walproposer", "Postgres ended the replication stream", "disconnected")
+    spec = {"tenant_id": a, "timeline_id": tl, "pageserver": f"127.0.0.1:{ps.pg_port}", "safekeepers": [sk.addr], "mode": "primary", "pg_port": port_allocator.get()}
+    compute = Compute(daemons, "compute", test_output_dir / "compute", spec, port_allocator.get(), auth_token=m.token("tenant", a), auth_public_key=m.public_key).start()
+    compute.sql("create table t as select g, repeat('x', 500) v from generate_series(1, 20000) g")
+    compute.sql("checkpoint")
+    assert compute.sql("select count(*) from t") == [(20000,)]
+    # Reads through the pageserver: a second compute on the same timeline after the first stops.
+    base = f"http://127.0.0.1:{compute.http_port}"
+    for method, path in [("GET", "/status"), ("GET", "/metrics"), ("POST", "/terminate")]:
+        for cell in CELLS[:-1]:
+            tok = cell_token(m, cell, "tenant", a, b, wrong="pageserverapi")
+            r = requests.request(method, f"{base}{path}", headers={"Authorization": f"Bearer {tok}"} if tok else {}, timeout=10)
+            expected = 403 if cell in ("wrong_scope", "other_tenant") else 401
+            assert r.status_code == expected, f"{method} {path} [{cell}]: {r.status_code} {r.text}"
+        # Nothing happened: still running and answering.
+        assert compute.status()["status"] == "running"
+        assert compute.sql("select count(*) from t") == [(20000,)]
+        if method == "GET":
+            r = requests.request(method, f"{base}{path}", headers=compute.headers(), timeout=10)
+            assert r.ok, r.text
+    r = requests.post(f"{base}/terminate", headers={"Authorization": f"Bearer {m.token('admin')}"}, timeout=10)
+    assert r.ok
+    compute.daemon.proc.wait(timeout=60)
+    compute.stop()
+    # A new compute reads every page back from the pageserver with its token.
+    spec2 = dict(spec, pg_port=port_allocator.get())
+    c2 = Compute(daemons, "compute2", test_output_dir / "compute2", spec2, port_allocator.get(), auth_token=m.token("tenant", a), auth_public_key=m.public_key).start()
+    assert c2.sql("select count(*), sum(length(v)) from t") == [(20000, 20000 * 500)]
+    c2.stop()
+    # A compute with another tenant's token gets nowhere (its start fails on the safekeepers or
+    # the pageserver with an authentication error).
+    spec3 = dict(spec, pg_port=port_allocator.get())
+    daemons.allow_errors("authentication failed", "audit", "compute_ctl", "FAILED")
+    with pytest.raises((RuntimeError, TimeoutError)):
+        Compute(daemons, "compute3", test_output_dir / "compute3", spec3, port_allocator.get(), auth_token=m.token("tenant", b)).start(timeout_s=30)
+    daemons.stop_all()
+    assert_no_secrets(test_output_dir, m)
+
+
+def test_neon_local_init_auth(neon_env):
+    """`neon_local init --auth`: the whole local stack with tokens; the CLI works as before, a
+    compute reads and writes through its own token, the daemons refuse callers without one, and
+    no token is in any file of the environment but the private key's folder."""
+    from fixtures.neon_local import sql
+
+    out = neon_env.run("init", "--num-safekeepers", "3", "--auth").stdout
+    assert "auth is on" in out and "Authorization: Bearer" in out and "PGPASSWORD" in out
+    neon_env.run("start")
+    neon_env.run("tenant", "create", "--set-default")
+    connstr = neon_env.endpoint("main")
+    sql(connstr, "create table t as select g from generate_series(1, 1000) g")
+    assert sql(connstr, "select count(*) from t") == [(1000,)]
+    neon_env.branch("b1")
+    neon_env.run("endpoint", "stop", "main")
+    connstr = neon_env.start_endpoint("main")
+    assert sql(connstr, "select count(*) from t") == [(1000,)]
+    conf = neon_env.config()
+    ps_http = f"http://127.0.0.1:{conf['pageserver']['http_port']}"
+    tenant = conf["default_tenant"]
+    assert requests.get(f"{ps_http}/v1/tenant", timeout=5).status_code == 401
+    assert requests.get(f"{ps_http}/v1/status", timeout=5).ok
+    tok = neon_env.run("auth-token", "--scope", "pageserverapi").stdout.strip()
+    assert requests.get(f"{ps_http}/v1/tenant", headers={"Authorization": f"Bearer {tok}"}, timeout=5).ok
+    tenant_tok = neon_env.run("auth-token", "--scope", "tenant", "--tenant-id", tenant).stdout.strip()
+    r = requests.get(f"{ps_http}/v1/tenant/{tenant}/timeline", headers={"Authorization": f"Bearer {tenant_tok}"}, timeout=5)
+    assert r.ok and len(r.json()) == 2
+    sk = conf["safekeepers"][0]
+    assert requests.get(f"http://127.0.0.1:{sk['http_port']}/v1/tenant/{tenant}/timeline/{r.json()[0]['timeline_id']}", timeout=5).status_code == 401
+    ep = conf["endpoints"]["main"]
+    assert requests.get(f"http://127.0.0.1:{ep['http_port']}/status", timeout=5).status_code == 401
+    with pytest.raises(RuntimeError, match="28P01"):
+        RawPq(conf["pageserver"]["pg_port"], {"user": "x"}, password="")
+    neon_env.run("stop")
+    # No token (neither the ones neon_local minted for the daemons nor ours) in any file.
+    auth_dir = neon_env.repo_dir / "auth"
+    header = tok.split(".")[0]
+    private = "".join((auth_dir / "private.pem").read_text().splitlines()[1:-1])
+    for f in neon_env.repo_dir.rglob("*"):
+        if f.is_file() and auth_dir not in f.parents:
+            text = f.read_bytes().decode(errors="replace")
+            assert private not in text, f"private key in {f}"
+            # Every token starts with the same header part: none may appear at all.
+            assert header not in text, f"a token in {f}"
