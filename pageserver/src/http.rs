@@ -578,6 +578,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn route_access() {
+        let t: TenantId = "0123456789abcdef0123456789abcdef".parse().unwrap();
+        let tl = "fedcba9876543210fedcba9876543210";
+        let tenant = |m: Method, p: &str| assert_eq!(access(&m, p), Access::Tenant(t), "{m} {p}");
+        let mgmt = |m: Method, p: &str| assert_eq!(access(&m, p), Access::Management, "{m} {p}");
+        assert_eq!(access(&Method::GET, "/v1/status"), Access::Open);
+        assert_eq!(access(&Method::GET, "/metrics"), Access::Open);
+        mgmt(Method::POST, "/v1/status");
+        tenant(Method::GET, &format!("/v1/tenant/{t}"));
+        tenant(Method::GET, &format!("/v1/tenant/{t}/config"));
+        tenant(Method::GET, &format!("/v1/tenant/{t}/timeline"));
+        tenant(Method::POST, &format!("/v1/tenant/{t}/timeline"));
+        tenant(Method::GET, &format!("/v1/tenant/{t}/timeline/{tl}/get_lsn_by_timestamp"));
+        mgmt(Method::GET, "/v1/tenant");
+        mgmt(Method::POST, "/v1/tenant");
+        mgmt(Method::DELETE, &format!("/v1/tenant/{t}"));
+        mgmt(Method::PUT, &format!("/v1/tenant/{t}/config"));
+        mgmt(Method::POST, &format!("/v1/tenant/{t}/attach"));
+        mgmt(Method::DELETE, &format!("/v1/tenant/{t}/timeline/{tl}"));
+        for op in ["compact", "do_gc", "checkpoint"] {
+            mgmt(Method::PUT, &format!("/v1/tenant/{t}/timeline/{tl}/{op}"));
+        }
+        mgmt(Method::DELETE, &format!("/v1/tenant/{t}/timeline/{tl}/layer/x"));
+        // A tenant id that does not parse, or an unknown path, needs a management token.
+        mgmt(Method::GET, "/v1/tenant/not-hex/timeline");
+        mgmt(Method::GET, "/v2/anything");
+    }
+
+    #[test]
     fn rfc3339() {
         assert_eq!(parse_rfc3339("2000-01-01T00:00:00Z"), Ok(0));
         assert_eq!(parse_rfc3339("2000-01-01T00:00:01.5Z"), Ok(1_500_000));

@@ -415,6 +415,23 @@ mod tests {
         assert!(new_only.decode(&new_tok).is_ok());
     }
 
+    /// The cost of a check (once per HTTP request or libpq connection): `cargo test -p utils
+    /// --lib auth::tests::decode_cost -- --nocapture`.
+    #[test]
+    fn decode_cost() {
+        let (private, public) = generate_keypair().unwrap();
+        let auth = auth_from(&[&public]);
+        let tok = encode(private.as_bytes(), &claims(Scope::Tenant, Some(tenant()), 600)).unwrap();
+        let n = 2000;
+        let started = std::time::Instant::now();
+        for _ in 0..n {
+            auth.decode(&tok).unwrap();
+        }
+        let per = started.elapsed() / n;
+        println!("token check: {per:?} each ({n} checks)");
+        assert!(per < std::time::Duration::from_millis(5), "{per:?}");
+    }
+
     #[test]
     fn key_files_and_bearer() {
         let dir = tempfile::tempdir().unwrap();
