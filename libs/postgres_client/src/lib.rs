@@ -44,8 +44,9 @@ impl ClientError {
     }
 }
 
-/// How to reach and log in to a server.
-#[derive(Clone, Debug)]
+/// How to reach and log in to a server. `Debug` never shows the password (a JWT when auth is
+/// on).
+#[derive(Clone)]
 pub struct ConnectConfig {
     pub host: String,
     pub port: u16,
@@ -58,6 +59,22 @@ pub struct ConnectConfig {
     /// `-c key=value` switches sent in the `options` startup parameter.
     pub options: Vec<(String, String)>,
     pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for ConnectConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("dbname", &self.dbname)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("replication", &self.replication)
+            .field("application_name", &self.application_name)
+            .field("options", &self.options)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
 }
 
 impl ConnectConfig {
@@ -425,5 +442,18 @@ impl CopyBothWriter {
 
     pub fn addr(&self) -> &str {
         &self.w.addr
+    }
+}
+
+#[cfg(test)]
+mod debug_tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_the_password() {
+        let mut c = ConnectConfig::new("h", 1, "u");
+        c.password = Some("secret-token".into());
+        let d = format!("{c:?}");
+        assert!(!d.contains("secret-token") && d.contains("<redacted>"), "{d}");
     }
 }

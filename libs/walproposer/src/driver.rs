@@ -52,7 +52,8 @@ pub struct PostgresSource {
     pub user: String,
 }
 
-#[derive(Clone, Debug)]
+/// `Debug` never shows `safekeeper_password`.
+#[derive(Clone)]
 pub struct DriverConfig {
     pub safekeepers: Vec<HostPort>,
     pub tenant_id: TenantId,
@@ -66,6 +67,22 @@ pub struct DriverConfig {
     /// Password (a JWT when auth is on) for safekeeper connections.
     pub safekeeper_password: Option<String>,
     pub reconnect_backoff_max: Duration,
+}
+
+impl std::fmt::Debug for DriverConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DriverConfig")
+            .field("safekeepers", &self.safekeepers)
+            .field("tenant_id", &self.tenant_id)
+            .field("timeline_id", &self.timeline_id)
+            .field("postgres", &self.postgres)
+            .field("system_id", &self.system_id)
+            .field("pg_version", &self.pg_version)
+            .field("wal_seg_size", &self.wal_seg_size)
+            .field("safekeeper_password", &self.safekeeper_password.as_ref().map(|_| "<redacted>"))
+            .field("reconnect_backoff_max", &self.reconnect_backoff_max)
+            .finish()
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
