@@ -82,9 +82,13 @@ async fn run(conf: PageServerConf) -> anyhow::Result<()> {
         };
         let _ = sock.set_nodelay(true);
         let pg_auth = conf.pg_auth.clone();
+        let backend_config = BackendConfig {
+            tls: conf.pg_tls.clone().map(|t| t as Arc<dyn pq_proto::TlsAcceptor>),
+            ..BackendConfig::default()
+        };
         let mut handler = PageServiceHandler::new(mgr.clone(), Some(peer));
         tokio::spawn(async move {
-            let pgb = PostgresBackend::new(sock, BackendConfig::default());
+            let pgb = PostgresBackend::new(sock, backend_config);
             let result = match pg_auth {
                 Some(auth) => {
                     let hook = JwtPasswordAuth::new(auth, "pageserver", Some(peer));

@@ -61,6 +61,13 @@ struct Args {
     /// connection's tenant.
     #[arg(long, default_value = "Trust", value_parser = parse_auth_type, action = clap::ArgAction::Set)]
     pg_auth_type: bool,
+    /// PEM certificate chain for TLS on the libpq listener (clients that send SSLRequest get
+    /// TLS); needs --ssl-key-file.
+    #[arg(long, requires = "ssl_key_file")]
+    ssl_cert_file: Option<PathBuf>,
+    /// PEM private key of --ssl-cert-file.
+    #[arg(long, requires = "ssl_cert_file")]
+    ssl_key_file: Option<PathBuf>,
 }
 
 /// `NeonJWT` → true, `Trust` → false (Neon's names).
@@ -177,7 +184,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     });
 
-    let config = BackendConfig::default();
+    let tls_acceptor: Option<Arc<dyn pq_proto::TlsAcceptor>> = match (&args.ssl_cert_file, &args.ssl_key_file) {
+        (Some(cert), Some(key)) => Some(Arc::new(pq_proto::RustlsAcceptor::from_pem_files(cert, key)?)),
+        _ => None,
+    };
+    let config = BackendConfig { tls: tls_acceptor, ..BackendConfig::default() };
     loop {
         let (sock, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,

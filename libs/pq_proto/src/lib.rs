@@ -27,3 +27,5 @@ pub use startup::{FeStartupPacket, StartupParams};
 
 pub mod jwt;
 pub use jwt::JwtPasswordAuth;
+pub mod tls;
+pub use tls::RustlsAcceptor;
