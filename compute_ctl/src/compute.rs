@@ -194,6 +194,17 @@ fn replica_conninfo(spec: &ComputeSpec) -> anyhow::Result<String> {
     ))
 }
 
+/// Loopback connections are trusted (compute_ctl, the walproposer, replicas and tests connect as
+/// the superuser there; the compute listens on loopback unless `listen_addresses` is set in the
+/// spec); any other connection must prove a SCRAM-SHA-256 password.
+const PG_HBA_CONF: &str = "# written by compute_ctl\n\
+host all all 127.0.0.1/32 trust\n\
+host all all ::1/128 trust\n\
+host replication all 127.0.0.1/32 trust\n\
+host replication all ::1/128 trust\n\
+host all all all scram-sha-256\n\
+host replication all all scram-sha-256\n";
+
 fn write_config(spec: &ComputeSpec, pgdata: &Path, lsn: Lsn) -> anyhow::Result<()> {
     let (ps_host, ps_port) = spec.pageserver.rsplit_once(':').context("pageserver address is not host:port")?;
     let mut conf = format!(
@@ -216,6 +227,8 @@ fn write_config(spec: &ComputeSpec, pgdata: &Path, lsn: Lsn) -> anyhow::Result<(
     }
     let path = pgdata.join("postgresql.conf");
     std::fs::write(&path, conf).with_context(|| format!("writing {}", path.display()))?;
+    let hba = pgdata.join("pg_hba.conf");
+    std::fs::write(&hba, PG_HBA_CONF).with_context(|| format!("writing {}", hba.display()))?;
     if spec.mode != ComputeMode::Primary {
         std::fs::write(pgdata.join("standby.signal"), "")?;
     }
@@ -269,7 +282,13 @@ async fn apply_roles_and_databases(spec: &ComputeSpec) -> anyhow::Result<()> {
             .simple_query(&format!("select 1 from pg_roles where rolname = {}", quote_literal(&r.name)))
             .await?
             .is_empty();
-        let pw = r.password.as_deref().map(|p| format!(" PASSWORD {}", quote_literal(p))).unwrap_or_default();
+        // The SCRAM-SHA-256 verifier, not the password: Postgres stores a verifier given in this
+        // form as is, so the plaintext never reaches the server, its logs or pg_stat_activity.
+        let pw = r
+            .password
+            .as_deref()
+            .map(|p| format!(" PASSWORD {}", quote_literal(&postgres_protocol::password::scram_sha_256(p.as_bytes()))))
+            .unwrap_or_default();
         let verb = if exists { "ALTER" } else { "CREATE" };
         client
             .simple_query(&format!("{verb} ROLE {} LOGIN{pw}", r.name))

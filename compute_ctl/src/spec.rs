@@ -16,12 +16,22 @@ pub enum ComputeMode {
     Replica,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Role {
     pub name: String,
+    /// Stored as a SCRAM-SHA-256 verifier; never logged (see the `Debug` impl).
     #[serde(default)]
     pub password: Option<String>,
+}
+
+impl std::fmt::Debug for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Role")
+            .field("name", &self.name)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
