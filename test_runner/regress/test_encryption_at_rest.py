@@ -12,25 +12,20 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import shutil
-import uuid
 from pathlib import Path
 
 import pytest
 import requests
 
-from fixtures.compute import Storage
 from fixtures.daemons import wait_until
 from fixtures.neon_local import neon_env, one, sql  # noqa: F401
-from fixtures.pageserver import Pageserver
 from fixtures.safekeeper import lsn_int
+from fixtures.remote import LocalRemote, RemoteStorageStack, checkpoint_and_upload, remote  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 MARKER = b"ENC-AT-REST-MARKER-7c1e"
 S3_PREFIX = "pageserver"
-# Small layers, so that several are flushed and uploaded.
-CHECKPOINT_DISTANCE = "checkpoint_distance = 16777216\n"
 ROWS = 60_000
 AUTH_ERROR = "failed authentication"
 
@@ -45,95 +40,10 @@ def encryption_section(kek_file: Path, kek_id: str = "k1") -> str:
     return f"[remote_storage.encryption]\nkek_id = '{kek_id}'\nkek_file = '{kek_file}'\n"
 
 
-class LocalRemote:
-    def __init__(self, root: Path):
-        self.root = root
-
-    def conf(self) -> str:
-        return f"[remote_storage]\nlocal_path = '{self.root}'\n"
-
-    def objects(self) -> dict[str, bytes]:
-        return {str(p.relative_to(self.root)): p.read_bytes() for p in self.root.rglob("*") if p.is_file()}
-
-    def put(self, key: str, body: bytes) -> None:
-        (self.root / key).write_bytes(body)
-
-
-class S3Remote:
-    def __init__(self, s3):
-        self.s3 = s3
-        self.client = s3.client()
-
-    def conf(self) -> str:
-        return (
-            f"[remote_storage]\nbucket_name = '{self.s3.bucket}'\nbucket_region = '{self.s3.region}'\n"
-            f"endpoint = '{self.s3.endpoint}'\nprefix_in_bucket = '{S3_PREFIX}'\n"
-        )
-
-    def objects(self) -> dict[str, bytes]:
-        """Every object in the whole bucket (not only under the prefix)."""
-        out = {}
-        for key in self.s3.list_keys(""):
-            body = self.client.get_object(Bucket=self.s3.bucket, Key=key)["Body"].read()
-            out[key[len(S3_PREFIX) + 1 :] if key.startswith(S3_PREFIX + "/") else key] = body
-        return out
-
-    def put(self, key: str, body: bytes) -> None:
-        self.client.put_object(Bucket=self.s3.bucket, Key=f"{S3_PREFIX}/{key}", Body=body)
-
-
-@pytest.fixture(params=["local_fs", "mock_s3"])
-def remote(request, test_output_dir, monkeypatch):
-    if request.param == "local_fs":
-        return LocalRemote(test_output_dir / "remote_storage")
-    s3 = request.getfixturevalue("moto_s3")
-    # The pageserver inherits these: the standard AWS credential chain reads them.
-    for k, v in s3.env().items():
-        monkeypatch.setenv(k, v)
-    return S3Remote(s3)
-
-
-class EncryptedStack(Storage):
-    """`Storage` (a pageserver, the test's safekeepers, one timeline) whose pageserver uploads to
-    `remote`, with `pageserver_conf` added to its config."""
-
-    def __init__(self, daemons, safekeepers, output_dir: Path, port_allocator, pageserver_conf: str):
-        self.daemons = daemons
-        self.safekeepers = safekeepers
-        self.output_dir = output_dir
-        self.ports = port_allocator
-        self.ps = Pageserver(
-            daemons, output_dir / "pageserver", port_allocator.get(), port_allocator.get(), [sk.addr for sk in safekeepers], extra_conf=pageserver_conf
-        ).start()
-        self.tenant_id, self.timeline_id = uuid.uuid4().hex, uuid.uuid4().hex
-        self.ps.create_tenant(self.tenant_id)
-        start_lsn = self.ps.create_timeline(self.tenant_id, self.timeline_id)["last_record_lsn"]
-        for sk in safekeepers:
-            sk.create_timeline(self.tenant_id, self.timeline_id, start_lsn)
-        daemons.allow_errors("walproposer", "Postgres ended the replication stream", "disconnected")
-
-    def checkpoint_and_upload(self) -> dict:
-        ps, tenant, timeline = self.ps, self.tenant_id, self.timeline_id
-        commit = max(lsn_int(sk.timeline_status(tenant, timeline)["commit_lsn"]) for sk in self.safekeepers)
-        wait_until("the pageserver to ingest all committed WAL", lambda: lsn_int(ps.timeline(tenant, timeline)["last_record_lsn"]) >= commit, timeout_s=60)
-        r = requests.put(f"{ps.http}/v1/tenant/{tenant}/timeline/{timeline}/checkpoint?wait_until_uploaded=true", timeout=600)
-        assert r.ok, r.text
-        info = r.json()
-        assert info["upload_queue_len"] == 0 and info["last_upload_error"] is None, info
-        return info
-
-    def wipe_and_restart(self, conf: str | None = None) -> None:
-        self.ps.stop()
-        shutil.rmtree(self.ps.workdir / "tenants")
-        if conf is not None:
-            self.ps.extra_conf = conf
-        self.ps.start()
-
-
 SUMS = "select count(*), sum(id), sum(length(v)), count(*) filter (where v like 'ENC-AT-REST-MARKER-7c1e-%') from marked"
 
 
-def write_marked_rows(stack: EncryptedStack) -> list:
+def write_marked_rows(stack: RemoteStorageStack) -> list:
     c = stack.compute("compute1")
     c.sql("create table marked(id int primary key, v text)")
     c.sql(f"insert into marked select g, '{MARKER.decode()}-' || g from generate_series(1, {ROWS}) g")
@@ -147,7 +57,7 @@ def holding_marker(objects: dict[str, bytes]) -> list[str]:
     return sorted(key for key, body in objects.items() if MARKER in body)
 
 
-def layer_keys(objects: dict[str, bytes], stack: EncryptedStack) -> list[str]:
+def layer_keys(objects: dict[str, bytes], stack: RemoteStorageStack) -> list[str]:
     prefix = f"tenants/{stack.tenant_id}/timelines/{stack.timeline_id}/"
     return sorted(k for k in objects if k.startswith(prefix) and not k.endswith("index_part.json"))
 
@@ -155,9 +65,9 @@ def layer_keys(objects: dict[str, bytes], stack: EncryptedStack) -> list[str]:
 def test_unencrypted_upload_holds_the_marker(remote, daemons, safekeeper_cluster, test_output_dir, port_allocator):
     """The control: without encryption the scan below finds the marker in the uploaded layers,
     so its absence with encryption means something."""
-    stack = EncryptedStack(daemons, safekeeper_cluster, test_output_dir, port_allocator, CHECKPOINT_DISTANCE + remote.conf())
+    stack = RemoteStorageStack(daemons, safekeeper_cluster, test_output_dir, port_allocator, remote.conf())
     write_marked_rows(stack)
-    stack.checkpoint_and_upload()
+    checkpoint_and_upload(stack.ps, stack.tenant_id, stack.timeline_id, stack.safekeepers)
     objects = remote.objects()
     found = holding_marker(objects)
     assert found, f"no plaintext marker in {len(objects)} unencrypted objects: the scan cannot tell"
@@ -166,11 +76,11 @@ def test_unencrypted_upload_holds_the_marker(remote, daemons, safekeeper_cluster
 
 def test_encrypted_upload_restore_and_tampering(remote, daemons, safekeeper_cluster, test_output_dir, port_allocator):
     kek = write_kek(test_output_dir / "k1.key")
-    conf = CHECKPOINT_DISTANCE + remote.conf() + encryption_section(kek)
-    stack = EncryptedStack(daemons, safekeeper_cluster, test_output_dir, port_allocator, conf)
+    conf = remote.conf() + encryption_section(kek)
+    stack = RemoteStorageStack(daemons, safekeeper_cluster, test_output_dir, port_allocator, conf)
     ps, tenant, timeline = stack.ps, stack.tenant_id, stack.timeline_id
     expected = write_marked_rows(stack)
-    info = stack.checkpoint_and_upload()
+    info = checkpoint_and_upload(stack.ps, stack.tenant_id, stack.timeline_id, stack.safekeepers)
 
     # No uploaded object holds the marker; every data object is in the encrypted format, and
     # the tenant's wrapped data key sits under _encryption_keys/.
@@ -202,7 +112,7 @@ def test_encrypted_upload_restore_and_tampering(remote, daemons, safekeeper_clus
     # not restored, and the log says why.
     daemons.allow_errors(AUTH_ERROR)
     mark = len(ps.daemon.log_text())
-    stack.wipe_and_restart(CHECKPOINT_DISTANCE + remote.conf() + encryption_section(write_kek(test_output_dir / "other.key")))
+    stack.wipe_and_restart(remote.conf() + encryption_section(write_kek(test_output_dir / "other.key")))
     wait_until("the pageserver to log the authentication failure", lambda: AUTH_ERROR in ps.daemon.log_text()[mark:], timeout_s=30)
     assert requests.get(f"{ps.http}/v1/tenant/{tenant}/timeline/{timeline}", timeout=10).status_code == 404
     log_text = ps.daemon.log_text()[mark:]
