@@ -74,6 +74,26 @@ fn json_rejection(e: JsonRejection, what: &str) -> ApiError {
     }
 }
 
+type QueryParams = Result<Query<std::collections::HashMap<String, String>>, QueryRejection>;
+
+/// The boolean query parameter `name` (`true`/`false`, absent = false).
+fn bool_param(query: QueryParams, name: &str) -> Result<bool, ApiError> {
+    let Query(params) = query.map_err(|e| bad(format!("bad query string: {}", e.body_text())))?;
+    match params.get(name).map(String::as_str) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(bad(format!("{name}={other}: use true or false"))),
+    }
+}
+
+/// Runs blocking timeline work off the runtime; a failure (or a panic) is a 500 with its message.
+async fn run_blocking<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, ApiError> {
+    let internal = |msg: String| ApiError(StatusCode::INTERNAL_SERVER_ERROR, msg);
+    tokio::task::spawn_blocking(f).await.map_err(|e| internal(e.to_string()))?.map_err(|e| internal(e.to_string()))
+}
+
 fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
@@ -354,19 +374,11 @@ async fn delete_timeline(
 async fn compact(
     State(m): State<Arc<TenantManager>>,
     Path((t, tl)): Path<(String, String)>,
-    query: Result<Query<std::collections::HashMap<String, String>>, QueryRejection>,
+    query: QueryParams,
 ) -> Result<impl IntoResponse, ApiError> {
     let tl = m.get_timeline(tenant_id(&t)?, timeline_id(&tl)?)?;
-    let Query(params) = query.map_err(|e| bad(format!("bad query string: {}", e.body_text())))?;
-    let force = match params.get("force").map(String::as_str) {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(other) => return Err(bad(format!("force={other}: use true or false"))),
-    };
-    let result = tokio::task::spawn_blocking(move || tl.compact(force))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let force = bool_param(query, "force")?;
+    let result = run_blocking(move || tl.compact(force)).await?;
     Ok(Json(result))
 }
 
@@ -375,10 +387,7 @@ async fn do_gc(
     Path((t, tl)): Path<(String, String)>,
 ) -> Result<impl IntoResponse, ApiError> {
     let tl = m.get_timeline(tenant_id(&t)?, timeline_id(&tl)?)?;
-    let result = tokio::task::spawn_blocking(move || tl.gc(std::time::SystemTime::now()))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let result = run_blocking(move || tl.gc(std::time::SystemTime::now())).await?;
     Ok(Json(result))
 }
 
@@ -424,20 +433,12 @@ async fn get_timeline(
 async fn checkpoint(
     State(m): State<Arc<TenantManager>>,
     Path((t, tl)): Path<(String, String)>,
-    query: Result<Query<std::collections::HashMap<String, String>>, QueryRejection>,
+    query: QueryParams,
 ) -> Result<impl IntoResponse, ApiError> {
     let tl = m.get_timeline(tenant_id(&t)?, timeline_id(&tl)?)?;
-    let Query(params) = query.map_err(|e| bad(format!("bad query string: {}", e.body_text())))?;
-    let wait_uploaded = match params.get("wait_until_uploaded").map(String::as_str) {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(other) => return Err(bad(format!("wait_until_uploaded={other}: use true or false"))),
-    };
+    let wait_uploaded = bool_param(query, "wait_until_uploaded")?;
     let tl2 = tl.clone();
-    tokio::task::spawn_blocking(move || tl2.checkpoint())
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    run_blocking(move || tl2.checkpoint()).await?;
     if wait_uploaded {
         let Some(remote) = tl.remote_client() else {
             return Err(bad("wait_until_uploaded: this pageserver has no remote storage configured"));

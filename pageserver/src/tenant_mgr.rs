@@ -314,12 +314,7 @@ impl TenantManager {
         let _lifecycle = self.lifecycle.lock().await;
         let tenant = self.get_tenant(tenant_id)?;
         let tl = self.get_timeline(tenant_id, timeline_id)?;
-        let children: Vec<String> = tenant
-            .timelines()
-            .iter()
-            .filter(|t| t.metadata().ancestor_timeline == Some(timeline_id))
-            .map(|t| t.timeline_id().to_string())
-            .collect();
+        let children: Vec<String> = tl.child_branch_points().iter().map(|(id, _)| id.to_string()).collect();
         if !children.is_empty() {
             return Err(TenantMgrError::BadRequest(format!(
                 "timeline {timeline_id} has child branches {}; delete them first",

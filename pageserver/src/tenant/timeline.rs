@@ -440,7 +440,7 @@ impl Timeline {
                 if !redundant_remote.is_empty() {
                     client.schedule_layer_deletion(redundant_remote);
                 }
-                client.launch();
+                client.launch(remote_index.cloned());
                 Some(client)
             }
         };

@@ -139,8 +139,10 @@ impl RemoteTimelineClient {
     }
 
     /// Starts the upload task. It runs for the life of the process.
-    pub fn launch(self: &Arc<Self>) {
-        self.runtime.spawn(Arc::clone(self).run());
+    /// Starts the task. `known_index`: the remote index the caller already downloaded (so the
+    /// task does not fetch it again); `None`: the task downloads it.
+    pub fn launch(self: &Arc<Self>, known_index: Option<IndexPart>) {
+        self.runtime.spawn(Arc::clone(self).run(known_index));
     }
 
     /// Size and checksums of layer `name` as it is in remote storage, if it is there (known from
@@ -259,11 +261,16 @@ impl RemoteTimelineClient {
         self.wake.notify_one();
     }
 
-    async fn run(self: Arc<Self>) {
-        let Some(remote) = self.retry("download of the remote index_part.json", || self.download_remote_index()).await
-        else {
-            self.status.send_modify(|s| s.stopped = true);
-            return;
+    async fn run(self: Arc<Self>, known_index: Option<IndexPart>) {
+        let remote = match known_index {
+            Some(index) => Some(index),
+            None => match self.retry("download of the remote index_part.json", || self.download_remote_index()).await {
+                Some(remote) => remote,
+                None => {
+                    self.status.send_modify(|s| s.stopped = true);
+                    return;
+                }
+            },
         };
         {
             let mut q = self.lock();
