@@ -104,7 +104,8 @@ async fn run(conf: PageServerConf) -> anyhow::Result<()> {
             }
         });
     }
-    info!("shutting down: flushing open layers");
+    info!("shutting down: waiting for compaction/GC, flushing open layers");
+    mgr.wait_background_jobs(std::time::Duration::from_secs(60)).await;
     let m = mgr.clone();
     tokio::task::spawn_blocking(move || m.checkpoint_all()).await?;
     mgr.wait_uploads(std::time::Duration::from_secs(10)).await;

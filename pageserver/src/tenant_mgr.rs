@@ -77,6 +77,9 @@ pub struct TenantManager {
     walreceivers: Mutex<HashMap<(TenantId, TimelineId), CancellationToken>>,
     /// Serialises timeline and tenant creation and deletion.
     lifecycle: tokio::sync::Mutex<()>,
+    /// The compaction/GC loop; awaited at shutdown so no compaction (which applies WAL records
+    /// through the runtime) still runs while the runtime goes away.
+    background: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl TenantManager {
@@ -99,6 +102,7 @@ impl TenantManager {
             shutdown,
             walreceivers: Mutex::new(HashMap::new()),
             lifecycle: tokio::sync::Mutex::new(()),
+            background: std::sync::Mutex::new(None),
         });
         let dir = mgr.tenants_dir();
         std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
@@ -140,7 +144,8 @@ impl TenantManager {
                 mgr.start_walreceiver(&tl);
             }
         }
-        tokio::spawn(Arc::clone(&mgr).background_jobs());
+        let background = tokio::spawn(Arc::clone(&mgr).background_jobs());
+        *mgr.background.lock().expect("lock") = Some(background);
         Ok(mgr)
     }
 
@@ -228,6 +233,9 @@ impl TenantManager {
             for tenant in self.list_tenants() {
                 let conf = tenant.conf();
                 for tl in tenant.timelines() {
+                    if self.shutdown.is_cancelled() {
+                        return;
+                    }
                     let id = tl.timeline_id();
                     let due = |last: Option<&Instant>, period: Duration| {
                         !period.is_zero() && last.is_none_or(|t| t.elapsed() >= period)
@@ -490,6 +498,17 @@ impl TenantManager {
         }
         info!("attached tenant {tenant_id} from remote storage");
         Ok(tenant)
+    }
+
+    /// Waits (at most `timeout`) for the compaction/GC loop to finish its current job and end
+    /// (call after cancelling the shutdown token).
+    pub async fn wait_background_jobs(&self, timeout: std::time::Duration) {
+        let handle = self.background.lock().expect("lock").take();
+        if let Some(handle) = handle {
+            if tokio::time::timeout(timeout, handle).await.is_err() {
+                warn!("compaction/GC did not finish within {timeout:?} of shutdown");
+            }
+        }
     }
 
     /// Waits (up to `timeout` in total) until every timeline's upload queue is empty.
