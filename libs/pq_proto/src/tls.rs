@@ -5,9 +5,6 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
 use crate::backend::{BoxFuture, BoxedStream, TlsAcceptor};
 
 /// Server side of TLS with one certificate chain and key.
@@ -19,28 +16,8 @@ impl RustlsAcceptor {
     /// Reads a PEM certificate chain (server certificate first) and a PEM private key (PKCS#8,
     /// PKCS#1 or SEC1). Errors name the file and what is wrong with it.
     pub fn from_pem_files(cert_path: &Path, key_path: &Path) -> anyhow::Result<RustlsAcceptor> {
-        let certs = CertificateDer::pem_file_iter(cert_path)
-            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| anyhow::anyhow!("reading TLS certificates from {}: {e}", cert_path.display()))?;
-        if certs.is_empty() {
-            anyhow::bail!("{}: no PEM certificate in the file", cert_path.display());
-        }
-        let key = PrivateKeyDer::from_pem_file(key_path)
-            .map_err(|e| anyhow::anyhow!("reading the TLS private key from {}: {e}", key_path.display()))?;
-        let config =
-            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-                .with_safe_default_protocol_versions()
-                .map_err(|e| anyhow::anyhow!("TLS protocol versions: {e}"))?
-                .with_no_client_auth()
-                .with_single_cert(certs, key)
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "{} and {} do not make a usable TLS identity: {e}",
-                        cert_path.display(),
-                        key_path.display()
-                    )
-                })?;
-        Ok(RustlsAcceptor { inner: tokio_rustls::TlsAcceptor::from(Arc::new(config)) })
+        let config = utils::tls::server_config(cert_path, key_path, &[])?;
+        Ok(RustlsAcceptor { inner: tokio_rustls::TlsAcceptor::from(config) })
     }
 }
 

@@ -1,4 +1,4 @@
-//! Small shared types and helpers used by every daemon: LSNs, ids, auth (JWT), logging, shutdown.
+//! Small shared types and helpers used by every daemon: LSNs, ids, auth (JWT), logging, shutdown, TLS settings.
 
 pub mod auth;
 pub mod id;
@@ -6,6 +6,7 @@ pub mod logging;
 pub mod lsn;
 pub mod pg_os_user;
 pub mod shutdown;
+pub mod tls;
 
 pub use id::{NodeId, TenantId, TimelineId};
 pub use lsn::Lsn;
