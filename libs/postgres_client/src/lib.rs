@@ -11,8 +11,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use postgres_protocol::message::backend::{ErrorFields, Message};
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Largest message we accept from a server (WAL messages are at most a few hundred KiB).
@@ -32,6 +31,10 @@ pub enum ClientError {
     Server { addr: String, severity: String, code: String, message: String, detail: Option<String> },
     #[error("protocol error from {addr}: {what}")]
     Protocol { addr: String, what: String },
+    #[error("{addr} does not offer TLS, and this client refuses to talk to it in plain text: give that server a certificate (ssl_cert_file / --ssl-cert-file) or drop the CA from this client's config")]
+    TlsRefused { addr: String },
+    #[error("TLS handshake with {addr} failed: {source} (is the server's certificate signed by the configured CA and issued for '{host}'?)")]
+    Tls { addr: String, host: String, source: std::io::Error },
 }
 
 impl ClientError {
@@ -59,6 +62,9 @@ pub struct ConnectConfig {
     /// `-c key=value` switches sent in the `options` startup parameter.
     pub options: Vec<(String, String)>,
     pub connect_timeout: Duration,
+    /// When set, the connection is TLS-only: SSLRequest first, the server's certificate checked
+    /// against the CA and `host` (libpq's `sslmode=verify-full`); a server without TLS is refused.
+    pub tls: Option<utils::tls::TlsConnector>,
 }
 
 impl std::fmt::Debug for ConnectConfig {
@@ -73,6 +79,7 @@ impl std::fmt::Debug for ConnectConfig {
             .field("application_name", &self.application_name)
             .field("options", &self.options)
             .field("connect_timeout", &self.connect_timeout)
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }
@@ -89,6 +96,7 @@ impl ConnectConfig {
             application_name: None,
             options: Vec::new(),
             connect_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 
@@ -116,18 +124,53 @@ pub struct Client {
     write: MessageWriter,
 }
 
-/// Reads backend messages from one half of the socket.
+type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Reads backend messages from one half of the connection (TCP or TLS).
 pub struct MessageReader {
     addr: String,
-    sock: OwnedReadHalf,
+    sock: ReadHalf,
     buf: BytesMut,
 }
 
 /// Writes frontend messages to the other half.
 pub struct MessageWriter {
     addr: String,
-    sock: OwnedWriteHalf,
+    sock: WriteHalf,
     buf: BytesMut,
+}
+
+/// SSLRequest: length 8, code 1234.5679.
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+/// Upgrades a fresh connection to TLS: SSLRequest, the server's one-byte answer, the handshake.
+async fn start_tls(
+    mut sock: TcpStream,
+    tls: &utils::tls::TlsConnector,
+    host: &str,
+    addr: &str,
+) -> Result<(ReadHalf, WriteHalf), ClientError> {
+    let io = |e| ClientError::Io { addr: addr.to_string(), source: e };
+    sock.write_all(&SSL_REQUEST).await.map_err(io)?;
+    let mut answer = [0u8; 1];
+    match sock.read(&mut answer).await.map_err(io)? {
+        0 => return Err(ClientError::Closed { addr: addr.to_string() }),
+        _ if answer[0] == b'S' => {}
+        _ if answer[0] == b'N' => return Err(ClientError::TlsRefused { addr: addr.to_string() }),
+        _ => {
+            return Err(ClientError::Protocol {
+                addr: addr.to_string(),
+                what: format!("answered SSLRequest with {:?}", answer[0] as char),
+            })
+        }
+    }
+    let stream = tls
+        .connect(host, sock)
+        .await
+        .map_err(|e| ClientError::Tls { addr: addr.to_string(), host: host.to_string(), source: e })?;
+    let (r, w) = tokio::io::split(stream);
+    Ok((Box::new(r), Box::new(w)))
 }
 
 fn server_error(addr: &str, mut fields: ErrorFields<'_>) -> ClientError {
@@ -215,7 +258,11 @@ impl MessageReader {
 
 impl MessageWriter {
     async fn flush(&mut self) -> Result<(), ClientError> {
-        let r = self.sock.write_all(&self.buf).await;
+        // flush: TLS may hold the last record until asked (a no-op on plain TCP).
+        let r = match self.sock.write_all(&self.buf).await {
+            Ok(()) => self.sock.flush().await,
+            Err(e) => Err(e),
+        };
         self.buf.clear();
         r.map_err(|e| ClientError::Io { addr: self.addr.clone(), source: e })
     }
@@ -235,7 +282,18 @@ impl Client {
                 Ok(Ok(s)) => s,
             };
         let _ = sock.set_nodelay(true);
-        let (r, w) = sock.into_split();
+        let (r, w): (ReadHalf, WriteHalf) = match &cfg.tls {
+            Some(tls) => {
+                match tokio::time::timeout(cfg.connect_timeout, start_tls(sock, tls, &cfg.host, &addr)).await {
+                    Err(_) => return Err(ClientError::ConnectTimeout { addr, timeout: cfg.connect_timeout }),
+                    Ok(r) => r?,
+                }
+            }
+            None => {
+                let (r, w) = sock.into_split();
+                (Box::new(r), Box::new(w))
+            }
+        };
         let mut c = Client {
             addr: addr.clone(),
             read: MessageReader { addr: addr.clone(), sock: r, buf: BytesMut::with_capacity(8192) },
@@ -455,5 +513,72 @@ mod debug_tests {
         c.password = Some("secret-token".into());
         let d = format!("{c:?}");
         assert!(!d.contains("secret-token") && d.contains("<redacted>"), "{d}");
+    }
+}
+
+#[cfg(test)]
+mod tls_tests {
+    use super::*;
+    use pq_proto::backend::{BackendConfig, PostgresBackend, QueryHandler, TlsAcceptor, TrustAuth};
+    use std::sync::Arc;
+
+    struct Echo;
+    impl QueryHandler for Echo {
+        async fn process_query(&mut self, pgb: &mut PostgresBackend, query: &str) -> Result<(), pq_proto::QueryError> {
+            pgb.write_row_set(&[pq_proto::FieldDescription::text("q")], [[Some(query.to_string())]]).await?;
+            Ok(())
+        }
+    }
+
+    /// A libpq server on a free port; with `tls`, it offers TLS with that certificate.
+    async fn server(tls: Option<(&std::path::Path, &std::path::Path)>) -> u16 {
+        let acceptor: Option<Arc<dyn TlsAcceptor>> =
+            tls.map(|(c, k)| Arc::new(pq_proto::RustlsAcceptor::from_pem_files(c, k).expect("acceptor")) as _);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            loop {
+                let (sock, _) = listener.accept().await.expect("accept");
+                let config = BackendConfig { tls: acceptor.clone(), ..BackendConfig::default() };
+                tokio::spawn(async move {
+                    let _ = PostgresBackend::new(sock, config).run(&TrustAuth, &mut Echo).await;
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn tls_connections_verify_the_server_and_never_fall_back_to_plaintext() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certs = utils::tls::test_certs::make(dir.path());
+        let tls_port = server(Some((&certs.cert, &certs.key))).await;
+        let plain_port = server(None).await;
+        let connector = utils::tls::TlsConnector::from_ca_file(&certs.ca).expect("connector");
+
+        let mut cfg = ConnectConfig::new("localhost", tls_port, "u");
+        cfg.tls = Some(connector.clone());
+        let mut c = Client::connect(&cfg).await.expect("TLS connect");
+        let rows = c.simple_query("hello over tls").await.expect("query");
+        assert_eq!(rows, vec![vec![Some("hello over tls".to_string())]]);
+        // Several round trips on the same connection (the writer must flush each message).
+        for i in 0..20 {
+            let q = format!("q{i}");
+            assert_eq!(c.simple_query(&q).await.expect("query")[0][0].as_deref(), Some(q.as_str()));
+        }
+
+        // A server that does not offer TLS is refused, not used in plain text.
+        let mut cfg = ConnectConfig::new("localhost", plain_port, "u");
+        cfg.tls = Some(connector.clone());
+        let err = Client::connect(&cfg).await.err().expect("plaintext server refused");
+        assert!(matches!(err, ClientError::TlsRefused { .. }), "{err}");
+
+        // A CA that did not sign the server's certificate is refused (names: utils::tls tests).
+        let other_dir = tempfile::tempdir().expect("tempdir");
+        let other = utils::tls::test_certs::make(other_dir.path());
+        let mut cfg = ConnectConfig::new("localhost", tls_port, "u");
+        cfg.tls = Some(utils::tls::TlsConnector::from_ca_file(&other.ca).expect("connector"));
+        let err = Client::connect(&cfg).await.err().expect("other CA");
+        assert!(matches!(err, ClientError::Tls { .. }) && err.to_string().contains("invalid peer certificate"), "{err}");
     }
 }

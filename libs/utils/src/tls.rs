@@ -95,10 +95,10 @@ impl TlsConnector {
     }
 }
 
-#[cfg(test)]
+#[doc(hidden)]
 pub mod test_certs {
-    //! A throwaway CA and a server certificate for `localhost`/127.0.0.1, made with the openssl
-    //! CLI as an operator would.
+    //! For tests of every crate: a throwaway CA and a server certificate for
+    //! `localhost`/127.0.0.1, made with the openssl CLI as an operator would.
     use std::path::{Path, PathBuf};
     use std::process::Command;
 
