@@ -127,6 +127,12 @@ pub struct BackendConfig {
     pub backend_key: Option<CancelKey>,
     /// TLS upgrade for SSLRequest; `None` refuses TLS.
     pub tls: Option<Arc<dyn TlsAcceptor>>,
+    /// Refuse a StartupMessage that did not come over TLS (DESIGN D9: once a listener has a
+    /// certificate, passwords and tokens must not travel in the clear). Set it together with
+    /// `tls`; alone it refuses every login. CancelRequest is still accepted in plaintext, as
+    /// Postgres does: libpq before 17 always sends it unencrypted, and it carries only a
+    /// one-connection key, no credentials.
+    pub require_tls: bool,
 }
 
 impl Default for BackendConfig {
@@ -145,6 +151,7 @@ impl Default for BackendConfig {
             parameter_status: status.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             backend_key: None,
             tls: None,
+            require_tls: false,
         }
     }
 }
@@ -157,6 +164,7 @@ impl fmt::Debug for BackendConfig {
             .field("parameter_status", &self.parameter_status)
             .field("backend_key", &self.backend_key.is_some())
             .field("tls", &self.tls.is_some())
+            .field("require_tls", &self.require_tls)
             .finish()
     }
 }
@@ -349,6 +357,21 @@ impl PostgresBackend {
                 FeStartupPacket::Startup { protocol_minor, params } => break (protocol_minor, params),
             }
         };
+        if self.config.require_tls && !self.tls_active {
+            // The client may already have sent a password-less startup with its user name; it
+            // gets one error it can act on and nothing else (no auth exchange, no parameters).
+            let error = UserError::invalid_authorization(
+                "this server requires TLS: connect with sslmode=verify-full (or require)",
+            );
+            info!(
+                user = params.user(),
+                database = params.database(),
+                "refused a plaintext connection: TLS is required"
+            );
+            self.write_message(&BeMessage::ErrorResponse { severity: Severity::Fatal, error: &error }).await?;
+            self.flush().await?;
+            return Err(ConnectionError::AuthRejected(error));
+        }
         let extensions = params.protocol_extensions();
         if protocol_minor > 0 || !extensions.is_empty() {
             self.write_message(&BeMessage::NegotiateProtocolVersion {
@@ -783,5 +806,77 @@ mod tests {
             pgb.write_row_set(&[FieldDescription::text("only_one")], rows).await,
             Err(ConnectionError::Misuse(_))
         ));
+    }
+
+    /// "Upgrades" without encryption, so the test sees what the backend does around the
+    /// upgrade; real TLS is exercised in `tls.rs`.
+    struct PassThroughTls;
+    impl TlsAcceptor for PassThroughTls {
+        fn accept(&self, stream: BoxedStream) -> BoxFuture<'static, io::Result<BoxedStream>> {
+            Box::pin(async move { Ok(stream) })
+        }
+    }
+
+    fn tls_required() -> BackendConfig {
+        BackendConfig { tls: Some(Arc::new(PassThroughTls)), require_tls: true, ..BackendConfig::default() }
+    }
+
+    fn startup_packet() -> BytesMut {
+        let mut buf = BytesMut::new();
+        let params = StartupParams::from_pairs([("user".to_string(), "t".to_string())]).expect("valid");
+        FeStartupPacket::Startup { protocol_minor: 0, params }.write(&mut buf).expect("encodes");
+        buf
+    }
+
+    #[tokio::test]
+    async fn plaintext_startup_is_refused_when_tls_is_required() {
+        let (server, mut client) = tokio::io::duplex(1 << 16);
+        let mut pgb = PostgresBackend::new(server, tls_required());
+        client.write_all(&startup_packet()).await.expect("write");
+        let err = pgb.handshake(&TrustAuth).await.expect_err("refused");
+        let ConnectionError::AuthRejected(error) = &err else { panic!("expected a refusal, got {err}") };
+        assert_eq!(error.code.as_str(), "28000");
+        assert!(error.message.contains("requires TLS") && error.message.contains("sslmode=verify-full"), "{error}");
+        assert!(!pgb.is_tls() && pgb.startup_params().is_none());
+        drop(pgb);
+        // Exactly one FATAL ErrorResponse and then EOF: no authentication request, no
+        // parameters, nothing that would let the client go on.
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got[0], b'E');
+        let len = u32::from_be_bytes(got[1..5].try_into().expect("4 bytes")) as usize;
+        assert_eq!(got.len(), 1 + len, "more than one message: {got:?}");
+        let body = String::from_utf8_lossy(&got[5..]);
+        assert!(body.contains("SFATAL") && body.contains("C28000") && body.contains("requires TLS"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn startup_after_ssl_request_is_accepted_when_tls_is_required() {
+        let (server, mut client) = tokio::io::duplex(1 << 16);
+        let mut pgb = PostgresBackend::new(server, tls_required());
+        let mut ssl = BytesMut::new();
+        FeStartupPacket::SslRequest.write(&mut ssl).expect("encodes");
+        client.write_all(&ssl).await.expect("write");
+        let login = tokio::spawn(async move {
+            let h = pgb.handshake(&TrustAuth).await;
+            (pgb, h)
+        });
+        assert_eq!(client.read_u8().await.expect("answer"), b'S');
+        client.write_all(&startup_packet()).await.expect("write");
+        let (pgb, h) = login.await.expect("join");
+        assert_eq!(h.expect("login"), Handshake::Ready);
+        assert!(pgb.is_tls());
+        assert_eq!(client.read_u8().await.expect("auth ok"), b'R');
+    }
+
+    #[tokio::test]
+    async fn plaintext_cancel_request_still_works_when_tls_is_required() {
+        let (server, mut client) = tokio::io::duplex(1 << 16);
+        let mut pgb = PostgresBackend::new(server, tls_required());
+        let key = CancelKey { process_id: 7, secret_key: 42 };
+        let mut buf = BytesMut::new();
+        FeStartupPacket::CancelRequest(key).write(&mut buf).expect("encodes");
+        client.write_all(&buf).await.expect("write");
+        assert_eq!(pgb.handshake(&TrustAuth).await.expect("ends"), Handshake::Ended(SessionEnd::CancelRequested(key)));
     }
 }

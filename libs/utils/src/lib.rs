@@ -1,6 +1,8 @@
-//! Small shared types and helpers used by every daemon: LSNs, ids, auth (JWT), logging, shutdown, TLS settings.
+//! Small shared types and helpers used by every daemon: LSNs, ids, auth (JWT), logging, shutdown,
+//! TLS settings, serving HTTP(S).
 
 pub mod auth;
+pub mod http_server;
 pub mod id;
 pub mod logging;
 pub mod lsn;
