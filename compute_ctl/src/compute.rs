@@ -65,19 +65,59 @@ pub fn auth_token() -> Option<String> {
     std::env::var("NEON_AUTH_TOKEN").ok().filter(|t| !t.is_empty())
 }
 
+/// TLS settings of a compute (`compute_ctl run --ssl-ca-file / --ssl-cert-file / --ssl-key-file`).
+#[derive(Clone, Debug, Default)]
+pub struct ComputeTls {
+    /// The CA that signs the pageserver's and safekeepers' certificates: every connection to
+    /// them, from compute_ctl, the walproposer and Postgres itself (the `neon` extension, a
+    /// replica's `primary_conninfo`), is TLS with the server checked against it (verify-full).
+    pub ca_file: Option<PathBuf>,
+    /// Postgres serves TLS with this certificate and key (`ssl = on`); non-loopback clients must
+    /// use it (`hostssl` in pg_hba.conf).
+    pub server_identity: Option<(PathBuf, PathBuf)>,
+}
+
+/// compute_ctl's own client side of [`ComputeTls::ca_file`], set once at start.
+static CLIENT_TLS: std::sync::OnceLock<Option<utils::tls::TlsConnector>> = std::sync::OnceLock::new();
+
+/// How compute_ctl (and the walproposer it runs) reaches a pageserver or safekeeper: this
+/// compute's token, and TLS when a CA is configured.
+fn server_conn(hp: &HostPort, user: &str) -> ConnectConfig {
+    let mut c = ConnectConfig::new(hp.host.clone(), hp.port, user);
+    c.password = auth_token();
+    c.tls = CLIENT_TLS.get().cloned().flatten();
+    c
+}
+
+/// Where Postgres finds its TLS files: copied into the data directory, where the OS user
+/// Postgres runs as owns them (Postgres refuses a key file others can read).
+const PG_SERVER_CERT: &str = "server.crt";
+const PG_SERVER_KEY: &str = "server.key";
+const PG_ROOT_CERT: &str = "neon_ca.crt";
+
+/// libpq options that make a connection from Postgres to our servers verify-full, or "".
+fn libpq_tls_options(tls: &ComputeTls, pgdata: &Path) -> String {
+    match &tls.ca_file {
+        Some(_) => {
+            let path = pgdata.join(PG_ROOT_CERT).display().to_string();
+            format!(" sslmode=verify-full sslrootcert='{}'", path.replace('\\', "\\\\").replace('\'', "\\'"))
+        }
+        None => String::new(),
+    }
+}
+
 /// (flush, commit) LSN of the timeline on every safekeeper that answers TIMELINE_STATUS.
 async fn safekeeper_positions(spec: &ComputeSpec) -> Vec<(Lsn, Lsn)> {
     let mut answers = Vec::new();
     for sk in &spec.safekeepers {
         let r = async {
             let hp = host_port(sk)?;
-            let mut c = ConnectConfig::new(hp.host.clone(), hp.port, "compute_ctl");
+            let mut c = server_conn(&hp, "compute_ctl");
             c.options = vec![
                 ("tenant_id".into(), spec.tenant_id.to_string()),
                 ("timeline_id".into(), spec.timeline_id.to_string()),
             ];
             c.connect_timeout = Duration::from_secs(3);
-            c.password = auth_token();
             let mut client = Client::connect(&c).await?;
             let rows = client.simple_query("TIMELINE_STATUS").await?;
             let row = rows.first().context("no row")?;
@@ -125,6 +165,7 @@ async fn primary_start_lsn(spec: &ComputeSpec) -> anyhow::Result<Lsn> {
         pg_version: 150018,
         wal_seg_size: 16 * 1024 * 1024,
         safekeeper_password: auth_token(),
+        safekeeper_tls: CLIENT_TLS.get().cloned().flatten(),
         reconnect_backoff_max: Duration::from_secs(2),
     };
     match tokio::time::timeout(Duration::from_secs(120), driver::run(cfg, CancellationToken::new())).await {
@@ -145,9 +186,8 @@ async fn fetch_basebackup(
     os_user: Option<&PgOsUser>,
 ) -> anyhow::Result<(usize, Lsn)> {
     let hp = host_port(&spec.pageserver)?;
-    let mut c = ConnectConfig::new(hp.host.clone(), hp.port, SUPERUSER);
+    let mut c = server_conn(&hp, SUPERUSER);
     c.connect_timeout = Duration::from_secs(10);
-    c.password = auth_token();
     let mut client =
         Client::connect(&c).await.with_context(|| format!("connecting to the pageserver at {}", spec.pageserver))?;
     let (at, what) = match lsn {
@@ -184,12 +224,12 @@ async fn fetch_basebackup(
 
 /// `primary_conninfo` of a replica: every safekeeper (libpq tries them in turn), the timeline in
 /// the startup options.
-fn replica_conninfo(spec: &ComputeSpec) -> anyhow::Result<String> {
+fn replica_conninfo(spec: &ComputeSpec, tls_options: &str) -> anyhow::Result<String> {
     let addrs = spec.safekeepers.iter().map(|s| host_port(s)).collect::<anyhow::Result<Vec<_>>>()?;
     let hosts = addrs.iter().map(|a| a.host.as_str()).collect::<Vec<_>>().join(",");
     let ports = addrs.iter().map(|a| a.port.to_string()).collect::<Vec<_>>().join(",");
     Ok(format!(
-        "host={hosts} port={ports} user={SUPERUSER} application_name=replica options='-c tenant_id={} -c timeline_id={}'",
+        "host={hosts} port={ports} user={SUPERUSER} application_name=replica options='-c tenant_id={} -c timeline_id={}'{tls_options}",
         spec.tenant_id, spec.timeline_id
     ))
 }
@@ -197,19 +237,36 @@ fn replica_conninfo(spec: &ComputeSpec) -> anyhow::Result<String> {
 /// Loopback connections are trusted (compute_ctl, the walproposer, replicas and tests connect as
 /// the superuser there; the compute listens on loopback unless `listen_addresses` is set in the
 /// spec); any other connection must prove a SCRAM-SHA-256 password.
-const PG_HBA_CONF: &str = "# written by compute_ctl\n\
+const PG_HBA_LOOPBACK: &str = "# written by compute_ctl\n\
 host all all 127.0.0.1/32 trust\n\
 host all all ::1/128 trust\n\
 host replication all 127.0.0.1/32 trust\n\
-host replication all ::1/128 trust\n\
-host all all all scram-sha-256\n\
-host replication all all scram-sha-256\n";
+host replication all ::1/128 trust\n";
 
-fn write_config(spec: &ComputeSpec, pgdata: &Path, lsn: Lsn) -> anyhow::Result<()> {
+/// pg_hba.conf: with TLS (`ssl = on`), a non-loopback client must also come over TLS (no line
+/// matches a plaintext one, so it is refused).
+fn pg_hba_conf(tls: bool) -> String {
+    let kind = if tls { "hostssl" } else { "host" };
+    format!("{PG_HBA_LOOPBACK}{kind} all all all scram-sha-256\n{kind} replication all all scram-sha-256\n")
+}
+
+/// Copies `from` to `pgdata/name` with owner-only permissions (Postgres insists on them for keys).
+fn install_file(from: &Path, pgdata: &Path, name: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let to = pgdata.join(name);
+    std::fs::copy(from, &to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 600 {}", to.display()))?;
+    Ok(())
+}
+
+fn write_config(spec: &ComputeSpec, tls: &ComputeTls, pgdata: &Path, lsn: Lsn) -> anyhow::Result<()> {
     let (ps_host, ps_port) = spec.pageserver.rsplit_once(':').context("pageserver address is not host:port")?;
+    let tls_options = libpq_tls_options(tls, pgdata);
+    let ps_connstring = quote_literal(&format!("host={ps_host} port={ps_port} user={SUPERUSER}{tls_options}"));
     let mut conf = format!(
         "# written by compute_ctl\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\n\
-         shared_preload_libraries = 'neon'\nneon.pageserver_connstring = 'host={ps_host} port={ps_port} user={SUPERUSER}'\n\
+         shared_preload_libraries = 'neon'\nneon.pageserver_connstring = {ps_connstring}\n\
          neon.tenant_id = '{}'\nneon.timeline_id = '{}'\nneon.start_lsn = '{lsn}'\n\
          fsync = off\nwal_level = replica\nmax_wal_senders = 10\nmax_replication_slots = 10\nwal_sender_timeout = 60s\n",
         spec.pg_port, spec.tenant_id, spec.timeline_id
@@ -219,8 +276,16 @@ fn write_config(spec: &ComputeSpec, pgdata: &Path, lsn: Lsn) -> anyhow::Result<(
         ComputeMode::Static => conf.push_str("hot_standby = on\n"),
         ComputeMode::Replica => {
             conf.push_str("hot_standby = on\n");
-            conf.push_str(&format!("primary_conninfo = {}\n", quote_literal(&replica_conninfo(spec)?)));
+            conf.push_str(&format!("primary_conninfo = {}\n", quote_literal(&replica_conninfo(spec, &tls_options)?)));
         }
+    }
+    if let Some(ca) = &tls.ca_file {
+        install_file(ca, pgdata, PG_ROOT_CERT)?;
+    }
+    if let Some((cert, key)) = &tls.server_identity {
+        install_file(cert, pgdata, PG_SERVER_CERT)?;
+        install_file(key, pgdata, PG_SERVER_KEY)?;
+        conf.push_str(&format!("ssl = on\nssl_cert_file = '{PG_SERVER_CERT}'\nssl_key_file = '{PG_SERVER_KEY}'\n"));
     }
     for (k, v) in &spec.settings {
         conf.push_str(&format!("{k} = {}\n", quote_literal(v)));
@@ -228,7 +293,7 @@ fn write_config(spec: &ComputeSpec, pgdata: &Path, lsn: Lsn) -> anyhow::Result<(
     let path = pgdata.join("postgresql.conf");
     std::fs::write(&path, conf).with_context(|| format!("writing {}", path.display()))?;
     let hba = pgdata.join("pg_hba.conf");
-    std::fs::write(&hba, PG_HBA_CONF).with_context(|| format!("writing {}", hba.display()))?;
+    std::fs::write(&hba, pg_hba_conf(tls.server_identity.is_some())).with_context(|| format!("writing {}", hba.display()))?;
     if spec.mode != ComputeMode::Primary {
         std::fs::write(pgdata.join("standby.signal"), "")?;
     }
@@ -338,9 +403,8 @@ async fn renew_lsn_lease(spec: ComputeSpec, lsn: Lsn, stop: CancellationToken) {
 /// One `lease lsn` call; returns how long the lease is valid from now.
 async fn lease_once(spec: &ComputeSpec, lsn: Lsn) -> anyhow::Result<Duration> {
     let hp = host_port(&spec.pageserver)?;
-    let mut c = ConnectConfig::new(hp.host.clone(), hp.port, SUPERUSER);
+    let mut c = server_conn(&hp, SUPERUSER);
     c.connect_timeout = Duration::from_secs(10);
-    c.password = auth_token();
     let mut client = Client::connect(&c).await?;
     let rows = client.simple_query(&format!("lease lsn {} {} {lsn}", spec.tenant_id, spec.timeline_id)).await?;
     let millis: u128 = rows
@@ -358,10 +422,18 @@ pub async fn run(
     spec: ComputeSpec,
     pgdata: PathBuf,
     pg_install: PathBuf,
+    tls: ComputeTls,
     status: SharedStatus,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let os_user = PgOsUser::resolve()?;
+    let connector = match &tls.ca_file {
+        Some(ca) => Some(utils::tls::TlsConnector::from_ca_file(ca).context("--ssl-ca-file")?),
+        None => None,
+    };
+    if CLIENT_TLS.set(connector).is_err() {
+        bail!("compute::run runs once per process");
+    }
     let t0 = Instant::now();
     let lsn = match spec.mode {
         ComputeMode::Primary => {
@@ -380,7 +452,7 @@ pub async fn run(
     let lease_stop = shutdown.child_token();
     let _lease_guard = lease_stop.clone().drop_guard();
     tokio::spawn(renew_lsn_lease(spec.clone(), lsn, lease_stop));
-    step(&status, "write postgresql.conf", async { write_config(&spec, &pgdata, lsn) }).await?;
+    step(&status, "write postgresql.conf", async { write_config(&spec, &tls, &pgdata, lsn) }).await?;
     if let Some(u) = &os_user {
         u.chown_recursive(&pgdata)?;
     }
@@ -407,6 +479,7 @@ pub async fn run(
             pg_version: 150018,
             wal_seg_size: 16 * 1024 * 1024,
             safekeeper_password: auth_token(),
+            safekeeper_tls: CLIENT_TLS.get().cloned().flatten(),
             reconnect_backoff_max: Duration::from_secs(2),
         };
         Some(tokio::spawn(driver::run(cfg, wp_stop.clone())))

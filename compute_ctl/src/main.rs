@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tracing::error;
 use utils::{TenantId, TimelineId};
@@ -45,6 +46,10 @@ struct SafekeeperArgs {
     /// Password (JWT) for safekeeper connections; also read from NEON_SAFEKEEPER_TOKEN.
     #[arg(long, env = "NEON_SAFEKEEPER_TOKEN", hide_env_values = true)]
     safekeeper_token: Option<String>,
+    /// PEM CA certificate(s) of the safekeepers: connections become TLS-only, each safekeeper
+    /// checked against it (verify-full).
+    #[arg(long)]
+    ssl_ca_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -68,6 +73,17 @@ enum Cmd {
         /// the pageserver and safekeepers comes from $NEON_AUTH_TOKEN.
         #[arg(long)]
         auth_public_key_path: Option<PathBuf>,
+        /// PEM CA certificate(s) that sign the pageserver's and safekeepers' certificates: every
+        /// connection to them (compute_ctl, walproposer, Postgres) is TLS, verify-full.
+        #[arg(long)]
+        ssl_ca_file: Option<PathBuf>,
+        /// PEM certificate chain this compute serves TLS with: its HTTP API, and Postgres
+        /// (`ssl = on`; non-loopback clients must use TLS). Needs --ssl-key-file.
+        #[arg(long, requires = "ssl_key_file")]
+        ssl_cert_file: Option<PathBuf>,
+        /// PEM private key of --ssl-cert-file.
+        #[arg(long, requires = "ssl_cert_file")]
+        ssl_key_file: Option<PathBuf>,
     },
     /// Elect a proposer, make a quorum of safekeepers agree, print the start LSN, exit.
     SyncSafekeepers {
@@ -92,8 +108,12 @@ enum Cmd {
     },
 }
 
-fn driver_config(sk: &SafekeeperArgs, postgres: Option<PostgresSource>, system_id: u64) -> DriverConfig {
-    DriverConfig {
+fn driver_config(sk: &SafekeeperArgs, postgres: Option<PostgresSource>, system_id: u64) -> anyhow::Result<DriverConfig> {
+    let safekeeper_tls = match &sk.ssl_ca_file {
+        Some(ca) => Some(utils::tls::TlsConnector::from_ca_file(ca).context("--ssl-ca-file")?),
+        None => None,
+    };
+    Ok(DriverConfig {
         safekeepers: sk.safekeepers.clone(),
         tenant_id: sk.tenant_id,
         timeline_id: sk.timeline_id,
@@ -102,8 +122,9 @@ fn driver_config(sk: &SafekeeperArgs, postgres: Option<PostgresSource>, system_i
         pg_version: sk.pg_version,
         wal_seg_size: sk.wal_seg_size,
         safekeeper_password: sk.safekeeper_token.clone(),
+        safekeeper_tls,
         reconnect_backoff_max: Duration::from_secs(2),
-    }
+    })
 }
 
 fn main() -> ExitCode {
@@ -123,7 +144,7 @@ fn main() -> ExitCode {
         let shutdown = utils::shutdown::on_signals()?;
         match cli.cmd {
             Cmd::SyncSafekeepers { sk, system_id, timeout_s } => {
-                let run = driver::run(driver_config(&sk, None, system_id), shutdown);
+                let run = driver::run(driver_config(&sk, None, system_id)?, shutdown);
                 match tokio::time::timeout(Duration::from_secs(timeout_s), run).await {
                     Err(_) => anyhow::bail!(
                         "sync-safekeepers did not finish in {timeout_s}s: is a quorum of safekeepers ({}) reachable?",
@@ -137,7 +158,20 @@ fn main() -> ExitCode {
                     Ok(Err(e)) => Err(e),
                 }
             }
-            Cmd::Run { spec, pgdata, pg_install, http_addr, auth_public_key_path } => {
+            Cmd::Run {
+                spec,
+                pgdata,
+                pg_install,
+                http_addr,
+                auth_public_key_path,
+                ssl_ca_file,
+                ssl_cert_file,
+                ssl_key_file,
+            } => {
+                let tls = compute::ComputeTls {
+                    ca_file: ssl_ca_file,
+                    server_identity: ssl_cert_file.zip(ssl_key_file),
+                };
                 let text = std::fs::read_to_string(&spec)
                     .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", spec.display()))?;
                 let spec = spec::ComputeSpec::parse(&text)?;
@@ -153,14 +187,22 @@ fn main() -> ExitCode {
                     }),
                     None => None,
                 };
-                let app = http::router(status.clone(), shutdown.clone(), auth)
-                    .into_make_service_with_connect_info::<std::net::SocketAddr>();
-                tokio::spawn(async move { axum::serve(listener, app).await });
-                compute::run(spec, pgdata, pg_install, status, shutdown).await
+                // The HTTP API is HTTPS only when the compute has a certificate (DESIGN D9).
+                let http_tls = match &tls.server_identity {
+                    Some((cert, key)) => Some(
+                        utils::http_server::tls_config(cert, key).context("--ssl-cert-file/--ssl-key-file")?,
+                    ),
+                    None => None,
+                };
+                let app = http::router(status.clone(), shutdown.clone(), auth);
+                // Never stopped: /status stays up while Postgres shuts down, until the process exits.
+                let http_stop = tokio_util::sync::CancellationToken::new();
+                tokio::spawn(utils::http_server::serve(listener, app, http_tls, http_stop));
+                compute::run(spec, pgdata, pg_install, tls, status, shutdown).await
             }
             Cmd::Walproposer { sk, pg_addr, pg_user } => {
                 let pg = PostgresSource { addr: pg_addr, user: pg_user };
-                driver::run(driver_config(&sk, Some(pg), 0), shutdown).await.map(|_| ())
+                driver::run(driver_config(&sk, Some(pg), 0)?, shutdown).await.map(|_| ())
             }
         }
     });

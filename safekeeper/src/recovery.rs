@@ -25,13 +25,15 @@ use crate::wal_backup::PeerInfo;
 pub struct Peer {
     pub host: String,
     pub port: u16,
+    /// `--ssl-ca-file`: connections to the peer are TLS-only, its certificate checked.
+    pub tls: Option<utils::tls::TlsConnector>,
 }
 
 impl std::str::FromStr for Peer {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (h, p) = s.rsplit_once(':').ok_or_else(|| format!("peer '{s}' is not host:port"))?;
-        Ok(Peer { host: h.to_string(), port: p.parse().map_err(|_| format!("peer '{s}': bad port"))? })
+        Ok(Peer { host: h.to_string(), port: p.parse().map_err(|_| format!("peer '{s}': bad port"))?, tls: None })
     }
 }
 
@@ -50,6 +52,7 @@ fn conn(peer: &Peer, tl: &Timeline, password: Option<&str>) -> ConnectConfig {
         vec![("tenant_id".into(), tl.tenant_id.to_string()), ("timeline_id".into(), tl.timeline_id.to_string())];
     c.password = password.map(str::to_string);
     c.connect_timeout = Duration::from_secs(3);
+    c.tls = peer.tls.clone();
     c
 }
 

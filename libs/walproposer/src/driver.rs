@@ -66,6 +66,8 @@ pub struct DriverConfig {
     pub wal_seg_size: u32,
     /// Password (a JWT when auth is on) for safekeeper connections.
     pub safekeeper_password: Option<String>,
+    /// TLS-only safekeeper connections, each checked against this CA (verify-full).
+    pub safekeeper_tls: Option<utils::tls::TlsConnector>,
     pub reconnect_backoff_max: Duration,
 }
 
@@ -80,6 +82,7 @@ impl std::fmt::Debug for DriverConfig {
             .field("pg_version", &self.pg_version)
             .field("wal_seg_size", &self.wal_seg_size)
             .field("safekeeper_password", &self.safekeeper_password.as_ref().map(|_| "<redacted>"))
+            .field("safekeeper_tls", &self.safekeeper_tls.is_some())
             .field("reconnect_backoff_max", &self.reconnect_backoff_max)
             .finish()
     }
@@ -232,6 +235,7 @@ pub async fn run(cfg: DriverConfig, shutdown: CancellationToken) -> anyhow::Resu
 fn sk_connect_config(cfg: &DriverConfig, sk: &HostPort) -> ConnectConfig {
     let mut c = ConnectConfig::new(sk.host.clone(), sk.port, "walproposer");
     c.password = cfg.safekeeper_password.clone();
+    c.tls = cfg.safekeeper_tls.clone();
     c.options =
         vec![("tenant_id".into(), cfg.tenant_id.to_string()), ("timeline_id".into(), cfg.timeline_id.to_string())];
     c.connect_timeout = Duration::from_secs(5);

@@ -67,6 +67,12 @@ struct Args {
     /// User name sent at connection startup.
     #[arg(long, default_value = "pagebench")]
     user: String,
+    /// PEM CA certificate of the page service: connect over TLS only, verify-full.
+    #[arg(long)]
+    ssl_ca_file: Option<std::path::PathBuf>,
+    /// Token for a page service that checks them (`pg_auth_type = 'NeonJWT'`).
+    #[arg(long, env = "NEON_AUTH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 /// A relation to read and its size at the LSN.
@@ -155,7 +161,11 @@ async fn last_record_lsn(http: &str, tenant: TenantId, timeline: TimelineId) -> 
 async fn connect(args: &Args) -> anyhow::Result<(CopyBothReader, CopyBothWriter)> {
     let (host, port) =
         args.page_service.rsplit_once(':').ok_or_else(|| anyhow!("--page-service: expected host:port"))?;
-    let cfg = ConnectConfig::new(host, port.parse::<u16>().context("--page-service port")?, args.user.clone());
+    let mut cfg = ConnectConfig::new(host, port.parse::<u16>().context("--page-service port")?, args.user.clone());
+    cfg.password = args.token.clone();
+    if let Some(ca) = &args.ssl_ca_file {
+        cfg.tls = Some(utils::tls::TlsConnector::from_ca_file(ca).context("--ssl-ca-file")?);
+    }
     let client = Client::connect(&cfg).await?;
     Ok(client.copy_both(&format!("pagestream {} {}", args.tenant_id, args.timeline_id)).await?)
 }
