@@ -60,18 +60,21 @@ async fn run(conf: PageServerConf) -> anyhow::Result<()> {
         TenantManager::load(conf, resources, sd).await?
     };
     info!(
-        "pageserver {} in {}: libpq on {}, HTTP on {}",
+        "pageserver {} in {}: libpq on {}{}, HTTP{} on {}",
         conf.id,
         conf.workdir.display(),
         conf.listen_pg_addr,
+        if conf.pg_tls.is_some() { " (TLS only)" } else { "" },
+        if conf.http_tls.is_some() { "S" } else { "" },
         conf.listen_http_addr
     );
-    let http = axum::serve(
+    let http = utils::http_server::serve(
         http_listener,
-        pageserver::http::router(mgr.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let http_task = tokio::spawn(async move { http.await });
+        pageserver::http::router(mgr.clone()),
+        conf.http_tls.clone(),
+        shutdown.clone(),
+    );
+    let http_task = tokio::spawn(http);
     loop {
         let (sock, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -84,6 +87,8 @@ async fn run(conf: PageServerConf) -> anyhow::Result<()> {
         let pg_auth = conf.pg_auth.clone();
         let backend_config = BackendConfig {
             tls: conf.pg_tls.clone().map(|t| t as Arc<dyn pq_proto::TlsAcceptor>),
+            // With a certificate, tokens and page traffic never travel in the clear (DESIGN D9).
+            require_tls: conf.pg_tls.is_some(),
             ..BackendConfig::default()
         };
         let mut handler = PageServiceHandler::new(mgr.clone(), Some(peer));

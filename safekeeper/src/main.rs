@@ -61,8 +61,8 @@ struct Args {
     /// connection's tenant.
     #[arg(long, default_value = "Trust", value_parser = parse_auth_type, action = clap::ArgAction::Set)]
     pg_auth_type: bool,
-    /// PEM certificate chain for TLS on the libpq listener (clients that send SSLRequest get
-    /// TLS); needs --ssl-key-file.
+    /// PEM certificate chain: the libpq listener then accepts TLS connections only and the HTTP
+    /// API is HTTPS only; needs --ssl-key-file.
     #[arg(long, requires = "ssl_key_file")]
     ssl_cert_file: Option<PathBuf>,
     /// PEM private key of --ssl-cert-file.
@@ -127,14 +127,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let http_listener = tokio::net::TcpListener::bind(args.listen_http)
         .await
         .with_context(|| format!("cannot listen on {} (HTTP): is another process using it?", args.listen_http))?;
-    info!("listening for libpq on {}, HTTP on {}", args.listen_pg, args.listen_http);
+    let tls_note = if args.ssl_cert_file.is_some() { " (TLS only on both)" } else { "" };
+    info!("listening for libpq on {}, HTTP on {}{tls_note}", args.listen_pg, args.listen_http);
 
-    let http = axum::serve(
+    let (pg_tls, http_tls) = match (&args.ssl_cert_file, &args.ssl_key_file) {
+        (Some(cert), Some(key)) => {
+            let pg = pq_proto::RustlsAcceptor::from_pem_files(cert, key).context("--ssl-cert-file/--ssl-key-file")?;
+            let http = utils::http_server::tls_config(cert, key).context("--ssl-cert-file/--ssl-key-file")?;
+            (Some(Arc::new(pg) as Arc<dyn pq_proto::TlsAcceptor>), Some(http))
+        }
+        _ => (None, None),
+    };
+    let http = utils::http_server::serve(
         http_listener,
-        safekeeper::http::router(timelines.clone(), http_auth).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let http_task = tokio::spawn(async move { http.await });
+        safekeeper::http::router(timelines.clone(), http_auth),
+        http_tls,
+        shutdown.clone(),
+    );
+    let http_task = tokio::spawn(http);
     tokio::spawn(recovery::run(
         timelines.clone(),
         args.peers.clone(),
@@ -184,11 +194,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     });
 
-    let tls_acceptor: Option<Arc<dyn pq_proto::TlsAcceptor>> = match (&args.ssl_cert_file, &args.ssl_key_file) {
-        (Some(cert), Some(key)) => Some(Arc::new(pq_proto::RustlsAcceptor::from_pem_files(cert, key)?)),
-        _ => None,
-    };
-    let config = BackendConfig { tls: tls_acceptor, ..BackendConfig::default() };
+    // With a certificate, WAL and tokens never travel in the clear (DESIGN D9).
+    let config = BackendConfig { require_tls: pg_tls.is_some(), tls: pg_tls, ..BackendConfig::default() };
     loop {
         let (sock, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,

@@ -104,13 +104,22 @@ impl TlsListener {
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
-                        Ok(Ok(stream)) => {
+                    let handshake = async {
+                        let plaintext = looks_like_plaintext_http(&sock).await;
+                        (plaintext, acceptor.accept(sock).await)
+                    };
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
+                        Ok((_, Ok(stream))) => {
                             let _ = tx.send((stream, peer)).await;
                         }
                         // A plaintext client, a client that does not trust our CA, a port
                         // scanner: their problem, and not worth more than an info line.
-                        Ok(Err(e)) => info!("HTTPS listener {local_addr}: TLS handshake with {peer} failed: {e}"),
+                        Ok((true, Err(_))) => {
+                            info!("HTTPS listener {local_addr}: {peer} sent plain HTTP: refused (use https://)")
+                        }
+                        Ok((false, Err(e))) => {
+                            info!("HTTPS listener {local_addr}: TLS handshake with {peer} failed: {e}")
+                        }
                         Err(_) => debug!(
                             "HTTPS listener {local_addr}: no TLS handshake from {peer} within {TLS_HANDSHAKE_TIMEOUT:?}"
                         ),
@@ -120,6 +129,13 @@ impl TlsListener {
         });
         Ok(TlsListener { ready, local_addr })
     }
+}
+
+/// Whether the client's first byte is a letter, as in `GET /`, rather than a TLS record (0x16):
+/// only to make the log line say what went wrong.
+async fn looks_like_plaintext_http(sock: &TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(sock.peek(&mut first).await, Ok(1) if first[0].is_ascii_uppercase())
 }
 
 impl axum::serve::Listener for TlsListener {
