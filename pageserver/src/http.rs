@@ -11,6 +11,9 @@
 //! - `GET /v1/tenant/{tenant_id}/timeline/{timeline_id}/get_lsn_by_timestamp?timestamp=<RFC 3339>`
 //!   (the LSN at which the timeline looked as at that time; see
 //!   [`Timeline::find_lsn_by_timestamp`])
+//! - `GET /v1/tenant/{tenant_id}/timeline/{timeline_id}/lsn_leases` (the unexpired LSN leases,
+//!   `[{"lsn": "0/16B5A50", "valid_until": <Unix ms>}]`, by LSN; read-only, so a tenant token
+//!   may read its own)
 //! - `GET|PUT /v1/tenant/{tenant_id}/config` (the tenant's settings; PUT replaces its overrides
 //!   with the JSON object given, e.g. `{"pitr_interval": "1h"}`)
 //! - `PUT /v1/tenant/{tenant_id}/timeline/{timeline_id}/compact[?force=true]` and `.../do_gc`
@@ -255,6 +258,7 @@ pub fn router(mgr: Arc<TenantManager>) -> Router {
         .route("/v1/tenant/{tenant_id}/timeline/{timeline_id}/checkpoint", put(checkpoint))
         .route("/v1/tenant/{tenant_id}/timeline/{timeline_id}/layer/{layer_name}", delete(evict_layer))
         .route("/v1/tenant/{tenant_id}/timeline/{timeline_id}/get_lsn_by_timestamp", get(get_lsn_by_timestamp))
+        .route("/v1/tenant/{tenant_id}/timeline/{timeline_id}/lsn_leases", get(lsn_leases))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
         .with_state(mgr)
         .layer(axum::middleware::from_fn_with_state(limits, tenant_limit_middleware))
@@ -428,6 +432,22 @@ async fn get_timeline(
     Ok(Json(timeline_info(&tl)))
 }
 
+async fn lsn_leases(
+    State(m): State<Arc<TenantManager>>,
+    Path((t, tl)): Path<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    let tl = m.get_timeline(tenant_id(&t)?, timeline_id(&tl)?)?;
+    let leases: Vec<serde_json::Value> = tl
+        .lease_list(std::time::SystemTime::now())
+        .into_iter()
+        .map(|(lsn, until)| {
+            let millis = until.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+            serde_json::json!({ "lsn": lsn, "valid_until": millis as u64 })
+        })
+        .collect();
+    Ok(Json(leases))
+}
+
 /// `?wait_until_uploaded=true`: also wait (up to 5 minutes) until the upload queue is empty,
 /// so `remote_consistent_lsn` covers the checkpoint.
 async fn checkpoint(
@@ -592,6 +612,7 @@ mod tests {
         tenant(Method::GET, &format!("/v1/tenant/{t}/timeline"));
         tenant(Method::POST, &format!("/v1/tenant/{t}/timeline"));
         tenant(Method::GET, &format!("/v1/tenant/{t}/timeline/{tl}/get_lsn_by_timestamp"));
+        tenant(Method::GET, &format!("/v1/tenant/{t}/timeline/{tl}/lsn_leases"));
         mgmt(Method::GET, "/v1/tenant");
         mgmt(Method::POST, "/v1/tenant");
         mgmt(Method::DELETE, &format!("/v1/tenant/{t}"));

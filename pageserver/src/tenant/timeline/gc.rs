@@ -80,6 +80,14 @@ impl Timeline {
         out
     }
 
+    /// Unexpired leases and when each ends, by LSN (read-only: for the HTTP API and tests).
+    pub fn lease_list(&self, now: SystemTime) -> Vec<(Lsn, SystemTime)> {
+        let leases = lock(&self.leases);
+        let mut out: Vec<(Lsn, SystemTime)> = leases.until.iter().filter(|(_, u)| **u > now).map(|(l, u)| (*l, *u)).collect();
+        out.sort();
+        out
+    }
+
     /// The cutoff GC would use now (see the module docs), before leases and the old cutoff.
     fn retention_cutoff(&self, now: SystemTime) -> Result<Lsn, TimelineError> {
         let conf = self.conf();
