@@ -41,10 +41,65 @@ pub struct PageServerConf {
     /// HTTP requests of one tenant handled at once; more get 429 (one tenant cannot tie up the
     /// API for the others).
     pub http_tenant_concurrency_limit: usize,
-    /// `ssl_cert_file` + `ssl_key_file`: TLS on the page service, which then refuses plaintext.
+    /// `ssl_cert_file` + `ssl_key_file`: TLS on the page service for clients that send SSLRequest.
     pub pg_tls: Option<Arc<pq_proto::RustlsAcceptor>>,
-    /// The same certificate on the HTTP API, which is then HTTPS only.
-    pub http_tls: Option<Arc<utils::http_server::TlsServerConfig>>,
+    /// The token the WAL receivers present to safekeepers with auth on (`safekeeperdata`
+    /// scope): `safekeeper_auth_token_path`, else `$NEON_AUTH_TOKEN`, else none.
+    pub safekeeper_auth_token: Option<SafekeeperAuthToken>,
+}
+
+/// Where the pageserver's token for the safekeepers comes from. Its `Debug` never shows the
+/// token (the config is logged and printed in errors).
+#[derive(Clone)]
+pub enum SafekeeperAuthToken {
+    /// `safekeeper_auth_token_path`: read again at every connection, so a token rotated by
+    /// rewriting the file is used without a restart (and an expiring token can be replaced).
+    File(PathBuf),
+    /// `$NEON_AUTH_TOKEN` as it was at start (Neon's convention; the fallback).
+    Env(Arc<str>),
+}
+
+impl std::fmt::Debug for SafekeeperAuthToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SafekeeperAuthToken::File(p) => f.debug_tuple("File").field(p).finish(),
+            SafekeeperAuthToken::Env(_) => f.write_str("Env(NEON_AUTH_TOKEN, redacted)"),
+        }
+    }
+}
+
+impl SafekeeperAuthToken {
+    /// The token now. Errors name the file and what to put in it.
+    pub fn get(&self) -> anyhow::Result<String> {
+        match self {
+            SafekeeperAuthToken::File(p) => read_token_file(p),
+            SafekeeperAuthToken::Env(t) => Ok(t.to_string()),
+        }
+    }
+}
+
+/// Reads a file holding one JWT (surrounding whitespace ignored). The token itself is never in
+/// an error.
+fn read_token_file(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        anyhow::anyhow!("safekeeper_auth_token_path {}: cannot read the token file: {e}", path.display())
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        anyhow::bail!(
+            "safekeeper_auth_token_path {}: the file is empty; put the pageserver's safekeeperdata JWT in it \
+             (e.g. `neon_auth token --scope safekeeperdata`)",
+            path.display()
+        );
+    }
+    if token.split('.').count() != 3 || token.chars().any(char::is_whitespace) {
+        anyhow::bail!(
+            "safekeeper_auth_token_path {}: the file does not hold a single JWT (header.claims.signature); put \
+             only the pageserver's safekeeperdata token in it",
+            path.display()
+        );
+    }
+    Ok(token.to_string())
 }
 
 /// Default [`PageServerConf::http_tenant_concurrency_limit`].
@@ -90,10 +145,12 @@ pub struct ConfFile {
     pub pg_auth_type: AuthType,
     /// See [`PageServerConf::http_tenant_concurrency_limit`].
     pub http_tenant_concurrency_limit: Option<usize>,
-    /// PEM certificate chain and key for TLS on the page service and the HTTP API (relative to
-    /// the workdir).
+    /// PEM certificate chain and key for TLS on the page service (relative to the workdir).
     pub ssl_cert_file: Option<PathBuf>,
     pub ssl_key_file: Option<PathBuf>,
+    /// A file holding the JWT for the safekeepers (relative to the workdir); see
+    /// [`PageServerConf::safekeeper_auth_token`]. Keeps the secret out of this file.
+    pub safekeeper_auth_token_path: Option<PathBuf>,
 }
 
 /// Parses durations like `10s`, `500ms`, `10m`, `1h`, `7d`.
@@ -169,22 +226,32 @@ impl PageServerConf {
             anyhow::bail!("{}: http_tenant_concurrency_limit must be at least 1", path.display());
         }
         let rel = |p: &PathBuf| if p.is_relative() { workdir.join(p) } else { p.clone() };
-        let (pg_tls, http_tls) = match (&file.ssl_cert_file, &file.ssl_key_file) {
-            (None, None) => (None, None),
-            (Some(cert), Some(key)) => {
-                let in_conf = |e: anyhow::Error| anyhow::anyhow!("{}: {e:#}", path.display());
-                let pg = pq_proto::RustlsAcceptor::from_pem_files(&rel(cert), &rel(key)).map_err(in_conf)?;
-                let http = utils::http_server::tls_config(&rel(cert), &rel(key)).map_err(in_conf)?;
-                (Some(Arc::new(pg)), Some(http))
-            }
+        let pg_tls = match (&file.ssl_cert_file, &file.ssl_key_file) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(Arc::new(
+                pq_proto::RustlsAcceptor::from_pem_files(&rel(cert), &rel(key))
+                    .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?,
+            )),
             _ => anyhow::bail!("{}: ssl_cert_file and ssl_key_file go together", path.display()),
         };
+        let safekeeper_auth_token = match &file.safekeeper_auth_token_path {
+            Some(p) => {
+                let p = rel(p);
+                // Checked now so a wrong path fails the start, not every WAL connection later.
+                read_token_file(&p).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
+                Some(SafekeeperAuthToken::File(p))
+            }
+            None => std::env::var("NEON_AUTH_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty())
+                .map(|t| SafekeeperAuthToken::Env(t.into())),
+        };
         Ok(PageServerConf {
+            safekeeper_auth_token,
             http_auth,
             pg_auth,
             http_tenant_concurrency_limit,
             pg_tls,
-            http_tls,
             id: NodeId(file.id.unwrap_or(1)),
             workdir: workdir.to_path_buf(),
             listen_pg_addr: addr(file.listen_pg_addr, "127.0.0.1:64000", "listen_pg_addr")?,
@@ -265,5 +332,35 @@ mod tests {
         write("[remote_storage]\nbucket_name = 'neon'\n");
         let e = PageServerConf::load(dir.path()).unwrap_err().to_string();
         assert!(e.contains("bucket_region"), "{e}");
+    }
+
+    #[test]
+    fn safekeeper_auth_token_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = "eyJhbGciOiJFZERTQSJ9.eyJzY29wZSI6InNhZmVrZWVwZXJkYXRhIn0.c2lnbmF0dXJlLW9mLXRoZS10ZXN0";
+        let write = |text: &str| std::fs::write(dir.path().join("pageserver.toml"), text).unwrap();
+        std::fs::write(dir.path().join("sk.jwt"), format!("{token}\n")).unwrap();
+        write("safekeeper_auth_token_path = 'sk.jwt'\n");
+        let c = PageServerConf::load(dir.path()).unwrap();
+        let t = c.safekeeper_auth_token.as_ref().expect("configured");
+        assert_eq!(t.get().unwrap(), token, "read relative to the workdir, newline trimmed");
+        let debug = format!("{c:?}");
+        assert!(debug.contains("sk.jwt") && !token.split('.').any(|p| debug.contains(p)), "{debug}");
+        // Re-read at each use: a rotated token is picked up.
+        std::fs::write(dir.path().join("sk.jwt"), "a.b.c").unwrap();
+        assert_eq!(t.get().unwrap(), "a.b.c");
+        // Errors name the file and never carry its content.
+        for (content, want) in [(None, "cannot read"), (Some("  \n"), "empty"), (Some("not a jwt"), "single JWT")] {
+            match content {
+                Some(text) => std::fs::write(dir.path().join("sk.jwt"), text).unwrap(),
+                None => std::fs::remove_file(dir.path().join("sk.jwt")).unwrap(),
+            }
+            let e = format!("{:#}", PageServerConf::load(dir.path()).unwrap_err());
+            assert!(e.contains("sk.jwt") && e.contains("pageserver.toml") && e.contains(want), "{e}");
+            assert!(!e.contains("not a jwt"), "{e}");
+        }
+        let env = SafekeeperAuthToken::Env(token.into());
+        assert_eq!(env.get().unwrap(), token);
+        assert!(!format!("{env:?}").contains(token.split('.').nth(2).unwrap()));
     }
 }

@@ -95,6 +95,8 @@ impl TenantManager {
         resources: TimelineResources,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
+        // Every timeline's WAL receiver finds the token in its resources.
+        let resources = resources.with_safekeeper_auth_token(conf.safekeeper_auth_token.clone());
         let mgr = Arc::new(TenantManager {
             conf,
             resources,

@@ -36,8 +36,9 @@ fn conn_config(addr: &str, tl: &Timeline) -> anyhow::Result<ConnectConfig> {
     c.options =
         vec![("tenant_id".into(), tl.tenant_id().to_string()), ("timeline_id".into(), tl.timeline_id().to_string())];
     c.connect_timeout = Duration::from_secs(5);
-    // The token for safekeepers with auth on (Neon's convention); sent only if asked for.
-    c.password = std::env::var("NEON_AUTH_TOKEN").ok().filter(|t| !t.is_empty());
+    // The token for safekeepers with auth on (safekeeper_auth_token_path, else $NEON_AUTH_TOKEN;
+    // see PageServerConf); sent only if asked for.
+    c.password = tl.resources().safekeeper_auth_token.as_ref().map(|t| t.get()).transpose()?;
     Ok(c)
 }
 
