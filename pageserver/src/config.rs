@@ -41,8 +41,10 @@ pub struct PageServerConf {
     /// HTTP requests of one tenant handled at once; more get 429 (one tenant cannot tie up the
     /// API for the others).
     pub http_tenant_concurrency_limit: usize,
-    /// `ssl_cert_file` + `ssl_key_file`: TLS on the page service for clients that send SSLRequest.
+    /// `ssl_cert_file` + `ssl_key_file`: TLS on the page service, which then refuses plaintext.
     pub pg_tls: Option<Arc<pq_proto::RustlsAcceptor>>,
+    /// The same certificate on the HTTP API, which is then HTTPS only.
+    pub http_tls: Option<Arc<utils::http_server::TlsServerConfig>>,
     /// The token the WAL receivers present to safekeepers with auth on (`safekeeperdata`
     /// scope): `safekeeper_auth_token_path`, else `$NEON_AUTH_TOKEN`, else none.
     pub safekeeper_auth_token: Option<SafekeeperAuthToken>,
@@ -145,7 +147,8 @@ pub struct ConfFile {
     pub pg_auth_type: AuthType,
     /// See [`PageServerConf::http_tenant_concurrency_limit`].
     pub http_tenant_concurrency_limit: Option<usize>,
-    /// PEM certificate chain and key for TLS on the page service (relative to the workdir).
+    /// PEM certificate chain and key for TLS on the page service and the HTTP API (relative to
+    /// the workdir).
     pub ssl_cert_file: Option<PathBuf>,
     pub ssl_key_file: Option<PathBuf>,
     /// A file holding the JWT for the safekeepers (relative to the workdir); see
@@ -226,12 +229,14 @@ impl PageServerConf {
             anyhow::bail!("{}: http_tenant_concurrency_limit must be at least 1", path.display());
         }
         let rel = |p: &PathBuf| if p.is_relative() { workdir.join(p) } else { p.clone() };
-        let pg_tls = match (&file.ssl_cert_file, &file.ssl_key_file) {
-            (None, None) => None,
-            (Some(cert), Some(key)) => Some(Arc::new(
-                pq_proto::RustlsAcceptor::from_pem_files(&rel(cert), &rel(key))
-                    .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?,
-            )),
+        let (pg_tls, http_tls) = match (&file.ssl_cert_file, &file.ssl_key_file) {
+            (None, None) => (None, None),
+            (Some(cert), Some(key)) => {
+                let in_conf = |e: anyhow::Error| anyhow::anyhow!("{}: {e:#}", path.display());
+                let pg = pq_proto::RustlsAcceptor::from_pem_files(&rel(cert), &rel(key)).map_err(in_conf)?;
+                let http = utils::http_server::tls_config(&rel(cert), &rel(key)).map_err(in_conf)?;
+                (Some(Arc::new(pg)), Some(http))
+            }
             _ => anyhow::bail!("{}: ssl_cert_file and ssl_key_file go together", path.display()),
         };
         let safekeeper_auth_token = match &file.safekeeper_auth_token_path {
@@ -252,6 +257,7 @@ impl PageServerConf {
             pg_auth,
             http_tenant_concurrency_limit,
             pg_tls,
+            http_tls,
             id: NodeId(file.id.unwrap_or(1)),
             workdir: workdir.to_path_buf(),
             listen_pg_addr: addr(file.listen_pg_addr, "127.0.0.1:64000", "listen_pg_addr")?,
