@@ -1,10 +1,13 @@
-"""JWT auth (issue 8 items 1 and 6): every pageserver HTTP route and page service command against
-{no token, expired, wrong signature, wrong scope, other tenant's token, valid}. Only the valid
-cells get through; a refused cell changes nothing (state read back after each route's refusals);
-each refusal is an audit line; no token appears in any log."""
+"""JWT auth (issue 8 items 1 and 6): every HTTP route and libpq command of the pageserver, the
+safekeeper and compute_ctl against {no token, expired, wrong signature, wrong scope, other
+tenant's token, valid}. Only the valid cells get through; a refused cell changes nothing (state,
+LSN leases included, read back after each route's or command's refusals); each refusal is an
+audit line; no token appears in any log. Also: the pageserver's token for the safekeepers from
+`safekeeper_auth_token_path`."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import uuid
 from pathlib import Path
@@ -12,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from fixtures.daemons import wait_until
 from fixtures.neon_local import neon_env  # noqa: F401
 from fixtures.pageserver import Pageserver
 from fixtures.paths import neon_bin
@@ -81,19 +85,30 @@ def req(ps: Pageserver, method: str, path: str, token: str | None, body=None) ->
 
 
 def state(ps: Pageserver, admin: str, tenants: list[str]) -> dict:
-    """Everything a refused request could have changed, read with an admin token."""
+    """Everything a refused request could have changed, read with an admin token: tenants, their
+    config, each timeline's layers and LSNs, and its LSN leases (which basebackups and `lease lsn`
+    take, and nothing else shows)."""
     out: dict = {"tenants": sorted(t["id"] for t in req(ps, "GET", "/v1/tenant", admin).json())}
     for t in tenants:
         if t not in out["tenants"]:
             continue
+        timelines = req(ps, "GET", f"/v1/tenant/{t}/timeline", admin).json()
         out[t] = {
             "config": req(ps, "GET", f"/v1/tenant/{t}/config", admin).json()["tenant_specific_overrides"],
             "timelines": sorted(
-                (i["timeline_id"], i["layer_count"], i["disk_consistent_lsn"], i["latest_gc_cutoff_lsn"])
-                for i in req(ps, "GET", f"/v1/tenant/{t}/timeline", admin).json()
+                (i["timeline_id"], i["layer_count"], i["disk_consistent_lsn"], i["last_record_lsn"], i["latest_gc_cutoff_lsn"])
+                for i in timelines
             ),
+            "leases": {i["timeline_id"]: leases(ps, admin, t, i["timeline_id"]) for i in timelines},
         }
     return out
+
+
+def leases(ps: Pageserver, token: str, tenant: str, timeline: str) -> dict[str, int]:
+    """The timeline's unexpired LSN leases: LSN -> valid_until (Unix ms)."""
+    r = req(ps, "GET", f"/v1/tenant/{tenant}/timeline/{timeline}/lsn_leases", token)
+    assert r.status_code == 200, r.text
+    return {x["lsn"]: x["valid_until"] for x in r.json()}
 
 
 def test_pageserver_http_matrix(auth_pageserver, daemons):
@@ -119,6 +134,7 @@ def test_pageserver_http_matrix(auth_pageserver, daemons):
         ("POST", f"/v1/tenant/{a}/timeline", {"new_timeline_id": tl_new}, "tenant", {201}),
         ("GET", p, None, "tenant", {200}),
         ("GET", f"{p}/get_lsn_by_timestamp?timestamp=2100-01-01T00:00:00Z", None, "tenant", {200}),
+        ("GET", f"{p}/lsn_leases", None, "tenant", {200}),
         ("PUT", f"{p}/checkpoint", None, "pageserverapi", {200}),
         ("PUT", f"{p}/compact?force=true", None, "pageserverapi", {200}),
         ("PUT", f"{p}/do_gc", None, "pageserverapi", {200}),
@@ -178,6 +194,10 @@ def pq_command(ps: Pageserver, token: str | None, command: str) -> tuple[str, by
 
 
 def test_page_service_matrix(auth_pageserver):
+    """Every page service command (each form of it) × the cells. Each command runs on a fresh
+    branch, so its valid cell's effect is visible: after the refused cells the pageserver's state
+    (tenants, timelines, LSNs, layers, every timeline's leases) is read back unchanged, and after
+    the valid cell the lease a basebackup or `lease lsn` takes is there."""
     ps, m = auth_pageserver
     admin = m.token("admin")
     a, b = uuid.uuid4().hex, uuid.uuid4().hex
@@ -186,26 +206,58 @@ def test_page_service_matrix(auth_pageserver):
         assert req(ps, "POST", "/v1/tenant", admin, {"tenant_id": t}).status_code == 201
     info = req(ps, "POST", f"/v1/tenant/{a}/timeline", admin, {"new_timeline_id": tl}).json()
     lsn = info["last_record_lsn"]
+    # Another tenant's timeline, whose state the refused cells must not touch either.
+    tl_b = uuid.uuid4().hex
+    assert req(ps, "POST", f"/v1/tenant/{b}/timeline", admin, {"new_timeline_id": tl_b}).status_code == 201
+    # (command with {t} and {tl} for tenant and timeline, whether its valid cell leases `lsn`)
     commands = [
-        f"pagestream {a} {tl}",
-        f"basebackup {a} {tl}",
-        f"basebackup {a} {tl} {lsn}",
-        f"fullbackup {a} {tl}",
-        f"basebackup {a} {tl} standby",
-        f"lease lsn {a} {tl} {lsn}",
+        ("pagestream {t} {tl}", False),
+        ("basebackup {t} {tl}", True),
+        ("basebackup {t} {tl} latest", True),
+        (f"basebackup {{t}} {{tl}} {lsn}", True),
+        (f"basebackup {{t}} {{tl}} {lsn} readonly", True),
+        ("fullbackup {t} {tl}", True),
+        (f"fullbackup {{t}} {{tl}} {lsn}", True),
+        # No running-xacts record without a compute: the valid cell fails after auth, no lease.
+        ("basebackup {t} {tl} standby", False),
+        (f"basebackup {{t}} {{tl}} standby {lsn}", False),
+        (f"lease lsn {{t}} {{tl}} {lsn}", True),
     ]
-    for command in commands:
-        for cell in CELLS:
+    for template, leases_lsn in commands:
+        br = uuid.uuid4().hex
+        r = req(ps, "POST", f"/v1/tenant/{a}/timeline", admin, {"new_timeline_id": br, "ancestor_timeline_id": tl, "ancestor_start_lsn": lsn})
+        assert r.status_code == 201, r.text
+        command = template.format(t=a, tl=br)
+        before = state(ps, admin, [a, b])
+        assert before[a]["leases"][br] == {}, "a new branch has no lease"
+        for cell in CELLS[:-1]:
             outcome, detail = pq_command(ps, cell_token(m, cell, "tenant", a, b), command)
-            if cell == "valid":
-                assert outcome == "ok" or b"running-xacts" in detail or b"standby" in detail, f"{command}: {outcome} {detail!r}"
-            elif cell in ("none", "expired", "bad_signature"):
+            if cell in ("none", "expired", "bad_signature"):
                 assert outcome == "login" and b"28P01" in detail, f"{command} [{cell}]: {outcome} {detail!r}"
             else:
                 assert outcome == "error" and b"28000" in detail, f"{command} [{cell}]: {outcome} {detail!r}"
+        assert state(ps, admin, [a, b]) == before, f"{command}: a refused cell changed the pageserver's state"
+        outcome, detail = pq_command(ps, cell_token(m, "valid", "tenant", a, b), command)
+        assert outcome == "ok" or b"no running-transactions record" in detail, f"{command} [valid]: {outcome} {detail!r}"
+        after = state(ps, admin, [a, b])
+        if leases_lsn:
+            # The valid cell did take effect: readback sees it (the refused ones would have too).
+            assert list(leases(ps, m.token("tenant", a), a, br)) == [lsn], f"{command}: {after[a]['leases'][br]}"
+            after[a]["leases"][br] = {}
+        assert after == before, f"{command} [valid]: changed more than its lease"
         # Management tokens reach every tenant.
         outcome, detail = pq_command(ps, m.token("pageserverapi"), command)
-        assert outcome == "ok" or b"standby" in detail or b"running-xacts" in detail, f"{command}: {detail!r}"
+        assert outcome == "ok" or b"no running-transactions record" in detail, f"{command}: {detail!r}"
+
+    # A command naming no tenant: only management tokens get as far as the usage error.
+    before = state(ps, admin, [a, b])
+    for tok, code in [(m.token("tenant", a), b"28000"), (m.token("safekeeperdata"), b"28000"), (m.token("pageserverapi"), b"0A000")]:
+        outcome, detail = pq_command(ps, tok, "status")
+        assert outcome == "error" and code in detail, f"status: {outcome} {detail!r}"
+    assert state(ps, admin, [a, b]) == before
+    # Leases are a tenant's own business: another tenant's token cannot read them.
+    r = req(ps, "GET", f"/v1/tenant/{a}/timeline/{tl}/lsn_leases", m.token("tenant", b))
+    assert r.status_code == 403, r.text
     ps.stop()
     assert_no_secrets(ps.workdir.parent, m)
 
@@ -286,6 +338,9 @@ def test_safekeeper_matrix(daemons, test_output_dir, port_allocator):
     for command in commands:
         before = sk_state()
         for cell in CELLS:
+            if cell == "valid":
+                # Read back after the refused cells, before the valid one can change anything.
+                assert sk_state() == before, f"{command}: a refused cell changed the safekeeper's state"
             tok = cell_token(m, cell, "tenant", a, b, wrong="pageserverapi")
             try:
                 c = RawPq(sk.pg_port, {"user": "test", "options": options}, password=tok or "")
@@ -301,8 +356,8 @@ def test_safekeeper_matrix(daemons, test_output_dir, port_allocator):
                 assert tag != b"E" or b"28000" not in payload and b"28P01" not in payload, f"{command}: {payload!r}"
             else:
                 assert tag == b"E" and b"28000" in payload, f"{command} [{cell}]: {tag!r} {payload!r}"
-        if command != "START_WAL_PUSH":
-            assert sk_state() == before, f"{command}: state changed"
+        # The valid cells only read (a walproposer that sends nothing changes nothing either).
+        assert sk_state() == before, f"{command} [valid]: state changed"
     sk.stop()
     log = (test_output_dir / "safekeeper1.log").read_text()
     assert sum(1 for line in log.splitlines() if "audit" in line and 'outcome="denied"' in line) >= refusals
@@ -325,7 +380,7 @@ def test_compute_with_auth(daemons, test_output_dir, port_allocator):
         port_allocator.get(),
         [sk.addr],
         extra_conf=f"auth_validation_public_key_path = '{m.public_key}'\nhttp_auth_type = 'NeonJWT'\npg_auth_type = 'NeonJWT'\n",
-        env={**__import__("os").environ, "NEON_AUTH_TOKEN": m.token("safekeeperdata")},
+        env={**os.environ, "NEON_AUTH_TOKEN": m.token("safekeeperdata")},
     ).start()
     a, b = uuid.uuid4().hex, uuid.uuid4().hex
     tl = uuid.uuid4().hex
@@ -374,6 +429,75 @@ def test_compute_with_auth(daemons, test_output_dir, port_allocator):
     daemons.allow_errors("authentication failed", "audit", "compute_ctl", "FAILED")
     with pytest.raises((RuntimeError, TimeoutError)):
         Compute(daemons, "compute3", test_output_dir / "compute3", spec3, port_allocator.get(), auth_token=m.token("tenant", b)).start(timeout_s=30)
+    daemons.stop_all()
+    assert_no_secrets(test_output_dir, m)
+
+
+def test_pageserver_safekeeper_token_file(daemons, test_output_dir, port_allocator):
+    """`safekeeper_auth_token_path`: the pageserver streams WAL from an auth-enabled safekeeper
+    with the token in that file alone ($NEON_AUTH_TOKEN unset). The file is read at each
+    connection: with a token the safekeeper refuses, no WAL arrives; once the file holds a valid
+    token, WAL arrives without a restart. Neither token is in any log."""
+    from fixtures.compute import Compute
+
+    m = Minter(test_output_dir / "auth")
+    flags = ["--auth-validation-public-key-path", str(m.public_key), "--http-auth-type", "NeonJWT", "--pg-auth-type", "NeonJWT"]
+    sk = Safekeeper(daemons, 1, test_output_dir / "sk1", port_allocator.get(), port_allocator.get(), sync=False, extra_args=flags).start()
+    a, other = uuid.uuid4().hex, uuid.uuid4().hex
+    tl = uuid.uuid4().hex
+    # Kept beside the keys (outside the pageserver's config, and outside what assert_no_secrets reads).
+    token_file = m.dir / "pageserver-safekeeper.jwt"
+    token_file.write_text(m.token("tenant", other) + "\n")
+    token_file.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if k != "NEON_AUTH_TOKEN"}
+    ps = Pageserver(
+        daemons,
+        test_output_dir / "pageserver",
+        port_allocator.get(),
+        port_allocator.get(),
+        [sk.addr],
+        extra_conf=(
+            f"auth_validation_public_key_path = '{m.public_key}'\nhttp_auth_type = 'NeonJWT'\npg_auth_type = 'NeonJWT'\n"
+            f"safekeeper_auth_token_path = '{token_file}'\n"
+        ),
+        env=env,
+    ).start()
+    api = m.token("pageserverapi")
+    assert req(ps, "POST", "/v1/tenant", api, {"tenant_id": a}).status_code == 201
+    start = req(ps, "POST", f"/v1/tenant/{a}/timeline", api, {"new_timeline_id": tl}).json()["last_record_lsn"]
+    r = requests.post(
+        f"http://127.0.0.1:{sk.http_port}/v1/tenant/{a}/timeline",
+        json={"timeline_id": tl, "start_lsn": start, "pg_version": 150018},
+        headers={"Authorization": f"Bearer {m.token('safekeeperdata')}"},
+        timeout=10,
+    )
+    assert r.status_code == 201, r.text
+    daemons.allow_errors("walproposer", "Postgres ended the replication stream", "disconnected", "authentication failed", "audit")
+    spec = {"tenant_id": a, "timeline_id": tl, "pageserver": f"127.0.0.1:{ps.pg_port}", "safekeepers": [sk.addr], "mode": "primary", "pg_port": port_allocator.get()}
+    compute = Compute(daemons, "compute", test_output_dir / "compute", spec, port_allocator.get(), auth_token=m.token("tenant", a), auth_public_key=m.public_key).start()
+    compute.sql("create table t as select g from generate_series(1, 10000) g")
+    end = compute.sql("select pg_current_wal_flush_lsn()::text")[0][0]
+
+    def ingested() -> str:
+        return req(ps, "GET", f"/v1/tenant/{a}/timeline/{tl}", api).json()["last_record_lsn"]
+
+    def lsn(s: str) -> int:
+        hi, lo = s.split("/")
+        return (int(hi, 16) << 32) | int(lo, 16)
+
+    # The wrong token: the safekeeper refuses the WAL receiver (audited), nothing is ingested.
+    sk_log = test_output_dir / "safekeeper1.log"
+
+    def refusals() -> int:
+        return sum(1 for line in sk_log.read_text().splitlines() if f"timeline {a}/{tl}" in line and 'outcome="denied"' in line)
+
+    # Several attempts (the WAL receiver retries with backoff), none of them getting WAL.
+    wait_until("the safekeeper refusing the pageserver's wrong token 3 times", lambda: refusals() >= 3)
+    assert lsn(ingested()) < lsn(end), "WAL arrived with a token for another tenant"
+    # Rotation: the valid token in the same file, no restart.
+    token_file.write_text(m.token("safekeeperdata") + "\n")
+    wait_until(f"the pageserver ingesting up to {end}", lambda: lsn(ingested()) >= lsn(end), timeout_s=60)
+    compute.stop()
     daemons.stop_all()
     assert_no_secrets(test_output_dir, m)
 
