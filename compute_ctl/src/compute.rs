@@ -458,6 +458,12 @@ pub async fn run(
     }
     let mut cmd = tokio::process::Command::from(command_as(os_user.as_ref(), &pg_install.join("bin/postgres")));
     cmd.arg("-D").arg(&pgdata).stdin(Stdio::null()).kill_on_drop(true);
+    if os_user.is_some() {
+        // Postgres runs as another OS user than us: our HOME is not its own. libpq (the neon
+        // extension's pageserver connection) looks there for ~/.postgresql client certificates
+        // and fails a TLS connection when it may not even look.
+        cmd.env("HOME", &pgdata);
+    }
     if let Some(token) = auth_token() {
         cmd.env("PGPASSWORD", token);
     }

@@ -47,8 +47,13 @@ pub struct EndpointConf {
 }
 
 impl EndpointConf {
-    pub fn connstr(&self) -> String {
-        format!("postgresql://cloud_admin@127.0.0.1:{}/postgres", self.pg_port)
+    /// With the stack's CA (`init --auth`), the URL asks for TLS checked against it.
+    pub fn connstr(&self, tls_ca: Option<&Path>) -> String {
+        let base = format!("postgresql://cloud_admin@127.0.0.1:{}/postgres", self.pg_port);
+        match tls_ca {
+            Some(ca) => format!("{base}?sslmode=verify-full&sslrootcert={}", url_encode(&ca.display().to_string())),
+            None => base,
+        }
     }
 
     pub fn mode_desc(&self) -> String {
@@ -90,6 +95,10 @@ pub struct Config {
     /// from `auth/private.pem` when a daemon starts (see [`Env::token`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub auth: bool,
+    /// `init --auth` also turns on TLS: every daemon and compute serves `tls/server.crt` and
+    /// refuses plaintext; every client checks servers against `tls/ca.crt`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls: bool,
 }
 
 pub struct Env {
@@ -110,6 +119,13 @@ pub struct Daemon {
 
 /// neon_local's own token for the daemons' HTTP APIs (`admin`), when the environment has auth.
 static HTTP_TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// neon_local's HTTP client: HTTPS trusting only the stack's CA when it has TLS.
+static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
+
+fn http() -> &'static ureq::Agent {
+    AGENT.get_or_init(ureq::Agent::new)
+}
 
 /// Adds neon_local's bearer token to a request when the environment has auth.
 fn authed(req: ureq::Request) -> ureq::Request {
@@ -271,28 +287,28 @@ fn api_error(peer: &Peer, url: &str, e: ureq::Error) -> anyhow::Error {
 }
 
 fn http_get(peer: &Peer, url: &str) -> anyhow::Result<serde_json::Value> {
-    match authed(ureq::get(url)).timeout(Duration::from_secs(10)).call() {
+    match authed(http().get(url)).timeout(Duration::from_secs(10)).call() {
         Ok(resp) => Ok(resp.into_json()?),
         Err(e) => Err(api_error(peer, url, e)),
     }
 }
 
 fn http_post(peer: &Peer, url: &str, body: serde_json::Value) -> anyhow::Result<serde_json::Value> {
-    match authed(ureq::post(url)).timeout(Duration::from_secs(180)).send_json(body) {
+    match authed(http().post(url)).timeout(Duration::from_secs(180)).send_json(body) {
         Ok(resp) => Ok(resp.into_json()?),
         Err(e) => Err(api_error(peer, url, e)),
     }
 }
 
 fn http_put(peer: &Peer, url: &str, body: serde_json::Value) -> anyhow::Result<serde_json::Value> {
-    match authed(ureq::put(url)).timeout(Duration::from_secs(180)).send_json(body) {
+    match authed(http().put(url)).timeout(Duration::from_secs(180)).send_json(body) {
         Ok(resp) => Ok(resp.into_json()?),
         Err(e) => Err(api_error(peer, url, e)),
     }
 }
 
 fn http_delete(peer: &Peer, url: &str) -> anyhow::Result<()> {
-    match authed(ureq::delete(url)).timeout(Duration::from_secs(30)).call() {
+    match authed(http().delete(url)).timeout(Duration::from_secs(30)).call() {
         Ok(_) => Ok(()),
         Err(e) => Err(api_error(peer, url, e)),
     }
@@ -387,6 +403,7 @@ impl Env {
             endpoints: BTreeMap::new(),
             safekeeper_remote_storage,
             auth,
+            tls: auth,
         };
         let env = Env { dir, conf };
         fs::create_dir_all(env.dir.join("pageserver"))?;
@@ -399,11 +416,24 @@ impl Env {
         } else {
             String::new()
         };
+        let tls_section = if env.conf.tls {
+            crate::tls::generate(&env.tls_dir())?;
+            let f = |name: &str| std::path::absolute(env.tls_dir().join(name)).map(|p| p.display().to_string());
+            format!(
+                "ssl_cert_file = '{}'\nssl_key_file = '{}'\nssl_ca_file = '{}'\n",
+                f(crate::tls::SERVER_CERT)?,
+                f(crate::tls::SERVER_KEY)?,
+                f(crate::tls::CA_CERT)?
+            )
+        } else {
+            String::new()
+        };
+        env.set_http_client()?;
         let sks: Vec<String> = env.conf.safekeepers.iter().map(|s| format!("'127.0.0.1:{}'", s.pg_port)).collect();
         fs::write(
             env.dir.join("pageserver/pageserver.toml"),
             format!(
-                "id = 1\nlisten_pg_addr = '127.0.0.1:{}'\nlisten_http_addr = '127.0.0.1:{}'\npg_distrib_dir = '{}'\nsafekeepers = [{}]\n{auth_section}{remote_section}",
+                "id = 1\nlisten_pg_addr = '127.0.0.1:{}'\nlisten_http_addr = '127.0.0.1:{}'\npg_distrib_dir = '{}'\nsafekeepers = [{}]\n{auth_section}{tls_section}{remote_section}",
                 env.conf.pageserver.pg_port,
                 env.conf.pageserver.http_port,
                 env.conf.pg_install.display(),
@@ -422,12 +452,65 @@ impl Env {
             .with_context(|| format!("no environment at {}: run 'neon_local init' first", dir.display()))?;
         let conf = serde_json::from_str(&text).with_context(|| format!("bad {}", path.display()))?;
         let env = Env { dir, conf };
-        if env.conf.auth {
-            if let Some(t) = env.token(utils::auth::Scope::Admin, None)? {
+        env.set_http_client()?;
+        Ok(env)
+    }
+
+    /// neon_local's token and TLS trust for the daemons' HTTP APIs.
+    fn set_http_client(&self) -> anyhow::Result<()> {
+        if self.conf.auth {
+            if let Some(t) = self.token(utils::auth::Scope::Admin, None)? {
                 let _ = HTTP_TOKEN.set(t);
             }
         }
-        Ok(env)
+        let ca = self.tls_ca();
+        let _ = AGENT.set(crate::tls::agent(ca.as_deref())?);
+        Ok(())
+    }
+
+    pub fn tls_dir(&self) -> PathBuf {
+        self.dir.join("tls")
+    }
+
+    /// The stack's CA certificate (absolute), when it has TLS.
+    pub fn tls_ca(&self) -> Option<PathBuf> {
+        self.conf.tls.then(|| {
+            let p = self.tls_dir().join(crate::tls::CA_CERT);
+            std::path::absolute(&p).unwrap_or(p)
+        })
+    }
+
+    /// `http` or `https`.
+    fn scheme(&self) -> &'static str {
+        if self.conf.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// The TLS flags of a safekeeper or compute_ctl: serve the stack's certificate, trust its CA.
+    fn tls_args(&self) -> Vec<String> {
+        if !self.conf.tls {
+            return Vec::new();
+        }
+        let f = |name: &str| {
+            let p = self.tls_dir().join(name);
+            std::path::absolute(&p).unwrap_or(p).display().to_string()
+        };
+        vec![
+            "--ssl-cert-file".into(),
+            f(crate::tls::SERVER_CERT),
+            "--ssl-key-file".into(),
+            f(crate::tls::SERVER_KEY),
+            "--ssl-ca-file".into(),
+            f(crate::tls::CA_CERT),
+        ]
+    }
+
+    /// The connection string of an endpoint.
+    pub fn connstr(&self, ep: &EndpointConf) -> String {
+        ep.connstr(self.tls_ca().as_deref())
     }
 
     fn save(&self) -> anyhow::Result<()> {
@@ -480,7 +563,7 @@ impl Env {
     }
 
     fn ps_http(&self) -> String {
-        format!("http://127.0.0.1:{}", self.conf.pageserver.http_port)
+        format!("{}://127.0.0.1:{}", self.scheme(), self.conf.pageserver.http_port)
     }
 
     pub fn pageserver_daemon(&self) -> Daemon {
@@ -523,11 +606,12 @@ impl Env {
             argv.push(rs.to_string());
         }
         argv.extend(self.auth_args("--auth-validation-public-key-path"));
+        argv.extend(self.tls_args());
         Ok(Daemon {
             name: format!("safekeeper {id}"),
             dir,
             argv,
-            health_url: format!("http://127.0.0.1:{}/v1/status", sk.http_port),
+            health_url: format!("{}://127.0.0.1:{}/v1/status", self.scheme(), sk.http_port),
             ports: vec![sk.pg_port, sk.http_port],
             // For its peers (recovery, offload polls).
             env: self.token_env(utils::auth::Scope::SafekeeperData, None),
@@ -541,7 +625,7 @@ impl Env {
     pub fn daemon_status(&self, d: &Daemon) -> String {
         match Self::read_pid(d) {
             Some(pid) => {
-                let healthy = authed(ureq::get(&d.health_url)).timeout(Duration::from_secs(2)).call().is_ok();
+                let healthy = authed(http().get(&d.health_url)).timeout(Duration::from_secs(2)).call().is_ok();
                 format!(
                     "{}: running (pid {pid}, ports {:?}, {})",
                     d.name,
@@ -578,7 +662,7 @@ impl Env {
         print!("starting {} (pid {}, waiting for {})...", d.name, child.id(), d.health_url);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if authed(ureq::get(&d.health_url)).timeout(Duration::from_secs(1)).call().is_ok() {
+            if authed(http().get(&d.health_url)).timeout(Duration::from_secs(1)).call().is_ok() {
                 println!(" ok");
                 return Ok(());
             }
@@ -676,8 +760,8 @@ impl Env {
         http_put(&self.ps_peer(), &format!("{}{path}", self.ps_http()), body)
     }
 
-    fn sk_url(sk: &SafekeeperConf, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", sk.http_port)
+    fn sk_url(&self, sk: &SafekeeperConf, path: &str) -> String {
+        format!("{}://127.0.0.1:{}{path}", self.scheme(), sk.http_port)
     }
 
     /// Branch name of a timeline, if neon_local knows it.
@@ -720,7 +804,7 @@ impl Env {
             }
             for (t, branches) in &self.conf.branches {
                 for (name, tl) in branches {
-                    let url = Self::sk_url(sk, &format!("/v1/tenant/{t}/timeline/{tl}"));
+                    let url = self.sk_url(sk, &format!("/v1/tenant/{t}/timeline/{tl}"));
                     match http_get(&Self::sk_peer(sk), &url) {
                         Ok(v) => println!(
                             "  tenant {t} branch '{name}' [{tl}]: commit {}, flush {}, term {}",
@@ -737,7 +821,7 @@ impl Env {
             let d = self.endpoint_daemon(name)?;
             println!("{}", self.daemon_status(&d));
             let lsn = if Self::read_pid(&d).is_some() {
-                ureq::get(&d.health_url)
+                authed(http().get(&d.health_url))
                     .timeout(Duration::from_secs(2))
                     .call()
                     .ok()
@@ -753,7 +837,7 @@ impl Env {
             } else {
                 String::new()
             };
-            println!("  {} on branch '{}'{lsn}: {}", ep.mode_desc(), ep.branch, ep.connstr());
+            println!("  {} on branch '{}'{lsn}: {}", ep.mode_desc(), ep.branch, self.connstr(ep));
         }
         Ok(())
     }
@@ -777,7 +861,7 @@ impl Env {
     /// timeline on some daemons only.
     fn check_safekeepers_up(&self) -> anyhow::Result<()> {
         for sk in &self.conf.safekeepers {
-            http_get(&Self::sk_peer(sk), &Self::sk_url(sk, "/v1/status"))?;
+            http_get(&Self::sk_peer(sk), &self.sk_url(sk, "/v1/status"))?;
         }
         Ok(())
     }
@@ -787,7 +871,7 @@ impl Env {
         for sk in &self.conf.safekeepers {
             let r = http_post(
                 &Self::sk_peer(sk),
-                &Self::sk_url(sk, &format!("/v1/tenant/{tenant}/timeline")),
+                &self.sk_url(sk, &format!("/v1/tenant/{tenant}/timeline")),
                 serde_json::json!({ "timeline_id": timeline, "start_lsn": start_lsn, "pg_version": 150018 }),
             );
             if let Err(e) = r {
@@ -795,7 +879,7 @@ impl Env {
                 for s in done {
                     let _ = http_delete(
                         &Self::sk_peer(s),
-                        &Self::sk_url(s, &format!("/v1/tenant/{tenant}/timeline/{timeline}")),
+                        &self.sk_url(s, &format!("/v1/tenant/{tenant}/timeline/{timeline}")),
                     );
                 }
                 return Err(e.context(format!("creating timeline {timeline} on safekeeper {}", sk.id)));
@@ -1005,7 +1089,7 @@ impl Env {
             .safekeepers
             .iter()
             .filter_map(|sk| {
-                http_get(&Self::sk_peer(sk), &Self::sk_url(sk, &format!("/v1/tenant/{tenant}/timeline/{timeline}")))
+                http_get(&Self::sk_peer(sk), &self.sk_url(sk, &format!("/v1/tenant/{tenant}/timeline/{timeline}")))
                     .ok()
             })
             .filter_map(|v| v["commit_lsn"].as_str().and_then(|s| s.parse().ok()))
@@ -1099,10 +1183,11 @@ impl Env {
             format!("127.0.0.1:{}", ep.http_port),
         ];
         argv.extend(self.auth_args("--auth-public-key-path"));
+        argv.extend(self.tls_args());
         Ok(Daemon {
             name: format!("endpoint '{name}'"),
             argv,
-            health_url: format!("http://127.0.0.1:{}/status", ep.http_port),
+            health_url: format!("{}://127.0.0.1:{}/status", self.scheme(), ep.http_port),
             ports: vec![ep.pg_port, ep.http_port],
             // The compute's own tenant token: pageserver, safekeepers, and Postgres's reads.
             env: self.token_env(utils::auth::Scope::Tenant, Some(ep.tenant_id)),
@@ -1246,7 +1331,7 @@ impl Env {
         let d = self.endpoint_daemon(name)?;
         if Self::read_pid(&d).is_some() {
             println!("endpoint '{name}' is already running");
-            return Ok(self.conf.endpoints[name].connstr());
+            return Ok(self.connstr(&self.conf.endpoints[name]));
         }
         // What the compute needs, checked first for a clear message: the pageserver, and for a
         // primary a majority of the safekeepers.
@@ -1258,7 +1343,7 @@ impl Env {
                 .conf
                 .safekeepers
                 .iter()
-                .filter(|sk| http_get(&Self::sk_peer(sk), &Self::sk_url(sk, "/v1/status")).is_err())
+                .filter(|sk| http_get(&Self::sk_peer(sk), &self.sk_url(sk, "/v1/status")).is_err())
                 .map(|sk| sk.id.to_string())
                 .collect();
             let n = self.conf.safekeepers.len();
@@ -1276,7 +1361,7 @@ impl Env {
             let _ = self.stop_daemon(&d, StopMode::Immediate);
             return Err(e);
         }
-        Ok(self.conf.endpoints[name].connstr())
+        Ok(self.connstr(&self.conf.endpoints[name]))
     }
 
     fn wait_endpoint_running(&self, name: &str, d: &Daemon) -> anyhow::Result<()> {
@@ -1285,7 +1370,7 @@ impl Env {
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut last = None;
         loop {
-            let st = authed(ureq::get(&d.health_url))
+            let st = authed(http().get(&d.health_url))
                 .timeout(Duration::from_secs(2))
                 .call()
                 .ok()
@@ -1350,7 +1435,7 @@ impl Env {
                 ep.branch,
                 ep.mode_desc(),
                 if running { "running" } else { "stopped" },
-                ep.connstr()
+                self.connstr(ep)
             );
         }
         Ok(())

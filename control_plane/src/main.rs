@@ -3,6 +3,7 @@
 //! and one per endpoint with its spec and data directory.
 
 mod env;
+mod tls;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,8 +57,10 @@ enum Cmd {
         /// Remove an existing environment first.
         #[arg(long)]
         force: bool,
-        /// Turn on JWT auth everywhere: an Ed25519 key pair in .neon/auth/, every daemon and
-        /// compute_ctl checking tokens, each given its own (NEON_AUTH_TOKEN).
+        /// Turn on JWT auth and TLS everywhere: an Ed25519 key pair in .neon/auth/, every daemon
+        /// and compute_ctl checking tokens, each given its own (NEON_AUTH_TOKEN); a CA and a
+        /// certificate in .neon/tls/ that every listener serves (plaintext refused) and every
+        /// client checks servers against.
         #[arg(long)]
         auth: bool,
     },
@@ -273,16 +276,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if auth {
                 let ps = &env.conf.pageserver;
                 println!(
-                    "auth is on: keys in {dir} (public.pem checks tokens; keep private.pem secret).\n\
+                    "auth and TLS are on: keys in {dir} (public.pem checks tokens; keep private.pem secret);\n\
+                     CA and certificate in {tls} (every listener is TLS-only; clients trust {ca}).\n\
                      Every daemon and compute gets its own token at start (NEON_AUTH_TOKEN); neon_local uses an admin token.\n\
                      HTTP APIs need 'Authorization: Bearer <token>' (/v1/status and /metrics are open), e.g.\n  \
-                     curl -H \"Authorization: Bearer $(neon_local auth-token --scope pageserverapi)\" http://127.0.0.1:{}/v1/tenant\n\
+                     curl --cacert {ca} -H \"Authorization: Bearer $(neon_local auth-token --scope pageserverapi)\" https://127.0.0.1:{}/v1/tenant\n\
                      The page service and safekeepers take the token as the libpq password, e.g.\n  \
-                     PGPASSWORD=$(neon_local auth-token --scope tenant --tenant-id <id>) psql -h 127.0.0.1 -p {} ...\n\
-                     Endpoints are plain Postgres: 'neon_local endpoint start NAME' prints their connection string.",
+                     PGPASSWORD=$(neon_local auth-token --scope tenant --tenant-id <id>) psql \"host=127.0.0.1 port={} sslmode=verify-full sslrootcert={ca} ...\"\n\
+                     Endpoints are Postgres with ssl=on: 'neon_local endpoint start NAME' prints their connection string.",
                     ps.http_port,
                     ps.pg_port,
                     dir = env.auth_dir().display(),
+                    tls = env.tls_dir().display(),
+                    ca = env.tls_ca().unwrap_or_default().display(),
                 );
             }
         }
@@ -352,7 +358,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 pg_port,
                 http_port,
             )?;
-            println!("endpoint '{name}' ({}) created on branch '{branch_name}': {}", ep.mode_desc(), ep.connstr());
+            println!("endpoint '{name}' ({}) created on branch '{branch_name}': {}", ep.mode_desc(), env.connstr(&ep));
         }
         Cmd::Endpoint(EndpointCmd::Start { name }) => {
             let env = Env::load()?;

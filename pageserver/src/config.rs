@@ -45,6 +45,9 @@ pub struct PageServerConf {
     pub pg_tls: Option<Arc<pq_proto::RustlsAcceptor>>,
     /// The same certificate on the HTTP API, which is then HTTPS only.
     pub http_tls: Option<Arc<utils::http_server::TlsServerConfig>>,
+    /// `ssl_ca_file`: the CA that signs the safekeepers' certificates. With it, WAL is fetched
+    /// over TLS only, each safekeeper checked against it (verify-full).
+    pub ssl_ca: Option<utils::tls::TlsConnector>,
     /// The token the WAL receivers present to safekeepers with auth on (`safekeeperdata`
     /// scope): `safekeeper_auth_token_path`, else `$NEON_AUTH_TOKEN`, else none.
     pub safekeeper_auth_token: Option<SafekeeperAuthToken>,
@@ -151,6 +154,8 @@ pub struct ConfFile {
     /// the workdir).
     pub ssl_cert_file: Option<PathBuf>,
     pub ssl_key_file: Option<PathBuf>,
+    /// PEM CA certificate(s) the pageserver trusts when it connects to safekeepers.
+    pub ssl_ca_file: Option<PathBuf>,
     /// A file holding the JWT for the safekeepers (relative to the workdir); see
     /// [`PageServerConf::safekeeper_auth_token`]. Keeps the secret out of this file.
     pub safekeeper_auth_token_path: Option<PathBuf>,
@@ -239,6 +244,12 @@ impl PageServerConf {
             }
             _ => anyhow::bail!("{}: ssl_cert_file and ssl_key_file go together", path.display()),
         };
+        let ssl_ca = match &file.ssl_ca_file {
+            Some(ca) => Some(
+                utils::tls::TlsConnector::from_ca_file(&rel(ca)).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?,
+            ),
+            None => None,
+        };
         let safekeeper_auth_token = match &file.safekeeper_auth_token_path {
             Some(p) => {
                 let p = rel(p);
@@ -253,6 +264,7 @@ impl PageServerConf {
         };
         Ok(PageServerConf {
             safekeeper_auth_token,
+            ssl_ca,
             http_auth,
             pg_auth,
             http_tenant_concurrency_limit,

@@ -541,7 +541,8 @@ impl TenantManager {
         }
         let stop = self.shutdown.child_token();
         self.walreceivers.lock().expect("lock").insert((tl.tenant_id(), tl.timeline_id()), stop.clone());
-        tokio::spawn(walreceiver::run(tl.clone(), self.conf.safekeepers.clone(), stop));
+        let src = walreceiver::WalSources { safekeepers: self.conf.safekeepers.clone(), tls: self.conf.ssl_ca.clone() };
+        tokio::spawn(walreceiver::run(tl.clone(), Arc::new(src), stop));
     }
 
     pub fn list_tenants(&self) -> Vec<Arc<Tenant>> {

@@ -29,13 +29,23 @@ const MAX_LAG_BYTES: u64 = 16 * 1024 * 1024;
 /// may come to tell it (that compute waits for us before it starts).
 const STALLED_SWITCH_AFTER: Duration = Duration::from_secs(2);
 
-fn conn_config(addr: &str, tl: &Timeline) -> anyhow::Result<ConnectConfig> {
+/// Where WAL comes from and how to reach it.
+#[derive(Debug, Clone)]
+pub struct WalSources {
+    /// `host:port` of each safekeeper.
+    pub safekeepers: Vec<String>,
+    /// `ssl_ca_file`: connections are TLS-only, certificates checked against this CA.
+    pub tls: Option<utils::tls::TlsConnector>,
+}
+
+fn conn_config(addr: &str, tl: &Timeline, src: &WalSources) -> anyhow::Result<ConnectConfig> {
     let (host, port) =
         addr.rsplit_once(':').with_context(|| format!("safekeeper address '{addr}' is not host:port"))?;
     let mut c = ConnectConfig::new(host, port.parse().with_context(|| format!("bad port in '{addr}'"))?, "pageserver");
     c.options =
         vec![("tenant_id".into(), tl.tenant_id().to_string()), ("timeline_id".into(), tl.timeline_id().to_string())];
     c.connect_timeout = Duration::from_secs(5);
+    c.tls = src.tls.clone();
     // The token for safekeepers with auth on (safekeeper_auth_token_path, else $NEON_AUTH_TOKEN;
     // see PageServerConf); sent only if asked for.
     c.password = tl.resources().safekeeper_auth_token.as_ref().map(|t| t.get()).transpose()?;
@@ -43,10 +53,10 @@ fn conn_config(addr: &str, tl: &Timeline) -> anyhow::Result<ConnectConfig> {
 }
 
 /// The reachable safekeeper with the highest commit LSN.
-async fn pick_safekeeper(tl: &Timeline, safekeepers: &[String]) -> Option<(String, Lsn)> {
+async fn pick_safekeeper(tl: &Timeline, src: &WalSources) -> Option<(String, Lsn)> {
     let mut best: Option<(String, Lsn)> = None;
-    for sk in safekeepers {
-        let Ok(cfg) = conn_config(sk, tl) else { continue };
+    for sk in &src.safekeepers {
+        let Ok(cfg) = conn_config(sk, tl, src) else { continue };
         let status = async {
             let mut c = Client::connect(&cfg).await?;
             let rows = c.simple_query("TIMELINE_STATUS").await?;
@@ -64,12 +74,12 @@ async fn pick_safekeeper(tl: &Timeline, safekeepers: &[String]) -> Option<(Strin
 }
 
 /// Runs until `stop`, reconnecting with backoff.
-pub async fn run(tl: Arc<Timeline>, safekeepers: Vec<String>, stop: CancellationToken) {
+pub async fn run(tl: Arc<Timeline>, src: Arc<WalSources>, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let r = tokio::select! {
             _ = stop.cancelled() => return,
-            r = session(&tl, &safekeepers) => r,
+            r = session(&tl, &src) => r,
         };
         match r {
             Ok(()) => backoff = Duration::from_millis(100),
@@ -85,8 +95,8 @@ pub async fn run(tl: Arc<Timeline>, safekeepers: Vec<String>, stop: Cancellation
     }
 }
 
-async fn session(tl: &Arc<Timeline>, safekeepers: &[String]) -> anyhow::Result<()> {
-    let Some((sk, commit)) = pick_safekeeper(tl, safekeepers).await else {
+async fn session(tl: &Arc<Timeline>, src: &WalSources) -> anyhow::Result<()> {
+    let Some((sk, commit)) = pick_safekeeper(tl, src).await else {
         bail!("no safekeeper has timeline {}/{}", tl.tenant_id(), tl.timeline_id())
     };
     let start = tl.get_last_record_lsn();
@@ -95,7 +105,7 @@ async fn session(tl: &Arc<Timeline>, safekeepers: &[String]) -> anyhow::Result<(
         tokio::time::sleep(Duration::from_millis(500)).await;
         return Ok(());
     }
-    let mut cfg = conn_config(&sk, tl)?;
+    let mut cfg = conn_config(&sk, tl, src)?;
     cfg.replication = Some("true".into());
     let client = Client::connect(&cfg).await?;
     let (mut reader, mut writer) = client.copy_both(&format!("START_REPLICATION PHYSICAL {start}")).await?;
@@ -161,7 +171,7 @@ async fn session(tl: &Arc<Timeline>, safekeepers: &[String]) -> anyhow::Result<(
             _ = lag_check.tick() => {
                 // Another safekeeper far ahead of ours: ours lags or is cut off from the quorum;
                 // reconnect to the best one. (Our own ingest lag is not a reason to switch.)
-                if let Some((best, commit)) = pick_safekeeper(tl, safekeepers).await {
+                if let Some((best, commit)) = pick_safekeeper(tl, src).await {
                     let ahead = commit.checked_sub(source_end).unwrap_or(0);
                     let stalled = source_moved_at.elapsed() >= STALLED_SWITCH_AFTER;
                     if best != sk && (ahead > MAX_LAG_BYTES || (ahead > 0 && stalled)) {

@@ -505,6 +505,7 @@ ps_call(uint8 tag, XLogRecPtr lsn, StringInfo body, uint8 resp_tag, char *out, i
 														   neon_pageserver_timeout_ms);
 		long		backoff_ms = 20;
 		int			attempts = 0;
+		char		last_broken[256] = "";
 
 		for (;;)
 		{
@@ -518,6 +519,8 @@ ps_call(uint8 tag, XLogRecPtr lsn, StringInfo body, uint8 resp_tag, char *out, i
 			if (st == PS_OK)
 				break;
 			ps_disconnect();
+			if (st == PS_BROKEN)
+				strlcpy(last_broken, ps_errmsg, sizeof(last_broken));
 			if (st == PS_BROKEN && GetCurrentTimestamp() < deadline)
 			{
 				long		left_ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
@@ -534,6 +537,8 @@ ps_call(uint8 tag, XLogRecPtr lsn, StringInfo body, uint8 resp_tag, char *out, i
 					 errmsg("pageserver at %s (tenant %s, timeline %s) failed to answer %s at LSN %X/%X: %s (%d attempts in %d ms)",
 							ps_name, neon_tenant_id, neon_timeline_id, what,
 							LSN_FORMAT_ARGS(lsn), ps_errmsg, attempts, neon_pageserver_timeout_ms),
+					 /* a timeout hides why the attempts before it failed: say it */
+					 (st == PS_TIMEOUT && last_broken[0]) ? errdetail("The attempt before failed with: %s", last_broken) : 0,
 					 errhint("Check that the pageserver in neon.pageserver_connstring is running; neon.pageserver_timeout sets how long queries wait for it.")));
 		}
 	}

@@ -68,6 +68,10 @@ struct Args {
     /// PEM private key of --ssl-cert-file.
     #[arg(long, requires = "ssl_cert_file")]
     ssl_key_file: Option<PathBuf>,
+    /// PEM CA certificate(s) that sign the peers' certificates: peer connections become
+    /// TLS-only, each peer checked against it (verify-full).
+    #[arg(long)]
+    ssl_ca_file: Option<PathBuf>,
 }
 
 /// `NeonJWT` → true, `Trust` → false (Neon's names).
@@ -104,7 +108,13 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(run(args))
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(mut args: Args) -> anyhow::Result<()> {
+    if let Some(ca) = &args.ssl_ca_file {
+        let tls = utils::tls::TlsConnector::from_ca_file(ca).context("--ssl-ca-file")?;
+        for p in &mut args.peers {
+            p.tls = Some(tls.clone());
+        }
+    }
     if args.no_sync {
         warn!("--no-sync: WAL and control files are NOT fsynced; acknowledged commits can be lost on a crash. Use only in tests.");
     }

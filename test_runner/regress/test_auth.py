@@ -509,31 +509,37 @@ def test_neon_local_init_auth(neon_env):
     from fixtures.neon_local import sql
 
     out = neon_env.run("init", "--num-safekeepers", "3", "--auth").stdout
-    assert "auth is on" in out and "Authorization: Bearer" in out and "PGPASSWORD" in out
+    assert "auth and TLS are on" in out and "Authorization: Bearer" in out and "PGPASSWORD" in out and "--cacert" in out
     neon_env.run("start")
     neon_env.run("tenant", "create", "--set-default")
     connstr = neon_env.endpoint("main")
+    assert "sslmode=verify-full" in connstr, connstr
     sql(connstr, "create table t as select g from generate_series(1, 1000) g")
     assert sql(connstr, "select count(*) from t") == [(1000,)]
+    assert sql(connstr, "select ssl from pg_stat_ssl where pid = pg_backend_pid()") == [(True,)]
     neon_env.branch("b1")
     neon_env.run("endpoint", "stop", "main")
     connstr = neon_env.start_endpoint("main")
     assert sql(connstr, "select count(*) from t") == [(1000,)]
     conf = neon_env.config()
-    ps_http = f"http://127.0.0.1:{conf['pageserver']['http_port']}"
+    ps_port = conf["pageserver"]["http_port"]
     tenant = conf["default_tenant"]
-    assert requests.get(f"{ps_http}/v1/tenant", timeout=5).status_code == 401
-    assert requests.get(f"{ps_http}/v1/status", timeout=5).ok
+    assert neon_env.http("GET", ps_port, "/v1/tenant", token=False).status_code == 401
+    assert neon_env.http("GET", ps_port, "/v1/status", token=False).ok
+    # HTTPS only: a plaintext request to the same port gets no answer.
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get(f"http://127.0.0.1:{ps_port}/v1/status", timeout=5)
     tok = neon_env.run("auth-token", "--scope", "pageserverapi").stdout.strip()
-    assert requests.get(f"{ps_http}/v1/tenant", headers={"Authorization": f"Bearer {tok}"}, timeout=5).ok
+    assert neon_env.http("GET", ps_port, "/v1/tenant", token=False, headers={"Authorization": f"Bearer {tok}"}).ok
     tenant_tok = neon_env.run("auth-token", "--scope", "tenant", "--tenant-id", tenant).stdout.strip()
-    r = requests.get(f"{ps_http}/v1/tenant/{tenant}/timeline", headers={"Authorization": f"Bearer {tenant_tok}"}, timeout=5)
+    r = neon_env.http("GET", ps_port, f"/v1/tenant/{tenant}/timeline", token=False, headers={"Authorization": f"Bearer {tenant_tok}"})
     assert r.ok and len(r.json()) == 2
     sk = conf["safekeepers"][0]
-    assert requests.get(f"http://127.0.0.1:{sk['http_port']}/v1/tenant/{tenant}/timeline/{r.json()[0]['timeline_id']}", timeout=5).status_code == 401
+    assert neon_env.http("GET", sk["http_port"], f"/v1/tenant/{tenant}/timeline/{r.json()[0]['timeline_id']}", token=False).status_code == 401
     ep = conf["endpoints"]["main"]
-    assert requests.get(f"http://127.0.0.1:{ep['http_port']}/status", timeout=5).status_code == 401
-    with pytest.raises(RuntimeError, match="28P01"):
+    assert neon_env.http("GET", ep["http_port"], "/status", token=False).status_code == 401
+    # The page service refuses a plaintext client before it may even try a password.
+    with pytest.raises(RuntimeError, match="28000"):
         RawPq(conf["pageserver"]["pg_port"], {"user": "x"}, password="")
     neon_env.run("stop")
     # No token (neither the ones neon_local minted for the daemons nor ours) in any file.
@@ -546,3 +552,8 @@ def test_neon_local_init_auth(neon_env):
             assert private not in text, f"private key in {f}"
             # Every token starts with the same header part: none may appear at all.
             assert header not in text, f"a token in {f}"
+    # Nor the TLS private key, but where it is served from (its folder, and each compute's copy).
+    tls_key = "".join((neon_env.repo_dir / "tls" / "server.key").read_text().splitlines()[1:-1])
+    for f in neon_env.repo_dir.rglob("*"):
+        if f.is_file() and f.name != "server.key":
+            assert tls_key not in f.read_bytes().decode(errors="replace"), f"the TLS key in {f}"

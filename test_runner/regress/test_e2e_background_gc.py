@@ -36,12 +36,9 @@ def test_background_compaction_and_gc_under_load(neon_env):
     conf = nl.config()
     tenant = conf["default_tenant"]
     main_tl = conf["branches"][tenant]["main"]
-    import requests
-
-    ps_http = f"http://127.0.0.1:{conf['pageserver']['http_port']}"
 
     def info() -> dict:
-        return requests.get(f"{ps_http}/v1/tenant/{tenant}/timeline/{main_tl}", timeout=10).json()
+        return nl.ps_http("GET", f"/v1/tenant/{tenant}/timeline/{main_tl}", timeout=10).json()
 
     main = nl.endpoint("main")
     pgbench(main, "-i", "-s", "2", "-q")

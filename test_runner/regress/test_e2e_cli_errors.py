@@ -55,7 +55,7 @@ def test_port_in_use(started_env):
         assert "stop it or change the port" in err
         assert nl.state() == before
         _no_process_for(nl, "ep")
-    assert nl.start_endpoint("ep").endswith(f":{busy}/postgres")
+    assert f":{busy}/postgres" in nl.start_endpoint("ep")
 
     # A daemon's port.
     ps_http = nl.config()["pageserver"]["http_port"]
@@ -85,7 +85,7 @@ def test_stopped_pageserver_and_safekeeper(started_env):
         ("tenant", "list"),
         ("endpoint", "create", "ro", "--timestamp", "2030-01-01T00:00:00Z"),
     ]:
-        err = nl.fails(*args, expect="pageserver is not answering at http://127.0.0.1:")
+        err = nl.fails(*args, expect="pageserver is not answering at http")
         assert fix in err, err
     err = nl.fails("endpoint", "start", "other", expect="endpoint 'other' needs the pageserver")
     assert fix in err, err

@@ -190,12 +190,10 @@ def test_whole_stack_stop_and_start_with_branches(started_env, mode):
 
 
 def _sk_status(nl, sk: dict) -> dict:
-    import requests
-
     cfg = nl.config()
     t = cfg["default_tenant"]
     tl = cfg["branches"][t]["main"]
-    return requests.get(f"http://127.0.0.1:{sk['http_port']}/v1/tenant/{t}/timeline/{tl}", timeout=5).json()
+    return nl.http("GET", sk["http_port"], f"/v1/tenant/{t}/timeline/{tl}", timeout=5).json()
 
 
 def _pageserver_source(nl) -> dict:

@@ -164,8 +164,6 @@ def test_branch_at_an_lsn_timeline_list_showed(started_env):
 def test_pageserver_refuses_a_branch_below_its_ancestors_start(started_env):
     """neon_local refuses this itself; the pageserver's API should too (a timeline has no
     history of its own below its branch point)."""
-    import requests
-
     nl = started_env
     main = nl.endpoint("main")
     sql(main, "create table t(a int); insert into t values (1)")
@@ -175,8 +173,9 @@ def test_pageserver_refuses_a_branch_below_its_ancestors_start(started_env):
     assert lsn_int(early) < start
     cfg = nl.config()
     tenant = cfg["default_tenant"]
-    r = requests.post(
-        f"http://127.0.0.1:{cfg['pageserver']['http_port']}/v1/tenant/{tenant}/timeline",
+    r = nl.ps_http(
+        "POST",
+        f"/v1/tenant/{tenant}/timeline",
         json={
             "new_timeline_id": "0123456789abcdef0123456789abcdef",
             "ancestor_timeline_id": cfg["branches"][tenant]["b"],
@@ -190,8 +189,6 @@ def test_pageserver_refuses_a_branch_below_its_ancestors_start(started_env):
 def test_branch_below_the_retention_window_fails(neon_env):
     """A tenant created with `-c` settings keeps little history; once GC moved its cutoff, a
     branch or static endpoint below it is refused in one line, naming the cutoff and the fix."""
-    import requests
-
     nl = neon_env
     nl.run("init")
     nl.run("start")
@@ -210,10 +207,9 @@ def test_branch_below_the_retention_window_fails(neon_env):
     conf = nl.config()
     tenant = conf["default_tenant"]
     timeline = conf["branches"][tenant]["main"]
-    ps_http = f"http://127.0.0.1:{conf['pageserver']['http_port']}"
     # GC keeps what is not on disk yet: flush first.
-    assert requests.put(f"{ps_http}/v1/tenant/{tenant}/timeline/{timeline}/checkpoint", timeout=60).ok
-    r = requests.put(f"{ps_http}/v1/tenant/{tenant}/timeline/{timeline}/do_gc", timeout=60)
+    assert nl.ps_http("PUT", f"/v1/tenant/{tenant}/timeline/{timeline}/checkpoint").ok
+    r = nl.ps_http("PUT", f"/v1/tenant/{tenant}/timeline/{timeline}/do_gc")
     assert r.ok, r.text
     cutoff = lsn_int(r.json()["cutoff"])
     assert cutoff > old, r.json()

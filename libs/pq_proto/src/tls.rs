@@ -3,7 +3,6 @@
 
 use std::io;
 use std::path::Path;
-use std::sync::Arc;
 
 use crate::backend::{BoxFuture, BoxedStream, TlsAcceptor};
 
@@ -43,6 +42,7 @@ mod tests {
     use crate::backend::{BackendConfig, PostgresBackend, QueryHandler, TrustAuth};
     use crate::QueryError;
     use std::process::Command;
+    use std::sync::Arc;
 
     /// A self-signed certificate for `localhost` (the openssl CLI, as an operator would make one).
     fn self_signed(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
