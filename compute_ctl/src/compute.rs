@@ -293,7 +293,8 @@ fn write_config(spec: &ComputeSpec, tls: &ComputeTls, pgdata: &Path, lsn: Lsn) -
     let path = pgdata.join("postgresql.conf");
     std::fs::write(&path, conf).with_context(|| format!("writing {}", path.display()))?;
     let hba = pgdata.join("pg_hba.conf");
-    std::fs::write(&hba, pg_hba_conf(tls.server_identity.is_some())).with_context(|| format!("writing {}", hba.display()))?;
+    std::fs::write(&hba, pg_hba_conf(tls.server_identity.is_some()))
+        .with_context(|| format!("writing {}", hba.display()))?;
     if spec.mode != ComputeMode::Primary {
         std::fs::write(pgdata.join("standby.signal"), "")?;
     }

@@ -108,7 +108,11 @@ enum Cmd {
     },
 }
 
-fn driver_config(sk: &SafekeeperArgs, postgres: Option<PostgresSource>, system_id: u64) -> anyhow::Result<DriverConfig> {
+fn driver_config(
+    sk: &SafekeeperArgs,
+    postgres: Option<PostgresSource>,
+    system_id: u64,
+) -> anyhow::Result<DriverConfig> {
     let safekeeper_tls = match &sk.ssl_ca_file {
         Some(ca) => Some(utils::tls::TlsConnector::from_ca_file(ca).context("--ssl-ca-file")?),
         None => None,
@@ -168,10 +172,8 @@ fn main() -> ExitCode {
                 ssl_cert_file,
                 ssl_key_file,
             } => {
-                let tls = compute::ComputeTls {
-                    ca_file: ssl_ca_file,
-                    server_identity: ssl_cert_file.zip(ssl_key_file),
-                };
+                let tls =
+                    compute::ComputeTls { ca_file: ssl_ca_file, server_identity: ssl_cert_file.zip(ssl_key_file) };
                 let text = std::fs::read_to_string(&spec)
                     .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", spec.display()))?;
                 let spec = spec::ComputeSpec::parse(&text)?;
@@ -189,9 +191,9 @@ fn main() -> ExitCode {
                 };
                 // The HTTP API is HTTPS only when the compute has a certificate (DESIGN D9).
                 let http_tls = match &tls.server_identity {
-                    Some((cert, key)) => Some(
-                        utils::http_server::tls_config(cert, key).context("--ssl-cert-file/--ssl-key-file")?,
-                    ),
+                    Some((cert, key)) => {
+                        Some(utils::http_server::tls_config(cert, key).context("--ssl-cert-file/--ssl-key-file")?)
+                    }
                     None => None,
                 };
                 let app = http::router(status.clone(), shutdown.clone(), auth);

@@ -1089,8 +1089,7 @@ impl Env {
             .safekeepers
             .iter()
             .filter_map(|sk| {
-                http_get(&Self::sk_peer(sk), &self.sk_url(sk, &format!("/v1/tenant/{tenant}/timeline/{timeline}")))
-                    .ok()
+                http_get(&Self::sk_peer(sk), &self.sk_url(sk, &format!("/v1/tenant/{tenant}/timeline/{timeline}"))).ok()
             })
             .filter_map(|v| v["commit_lsn"].as_str().and_then(|s| s.parse().ok()))
             .max()

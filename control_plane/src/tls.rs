@@ -76,7 +76,11 @@ impl ureq::ReadWrite for TlsStream {
 }
 
 impl ureq::TlsConnector for RustlsForUreq {
-    fn connect(&self, dns_name: &str, mut io: Box<dyn ureq::ReadWrite>) -> Result<Box<dyn ureq::ReadWrite>, ureq::Error> {
+    fn connect(
+        &self,
+        dns_name: &str,
+        mut io: Box<dyn ureq::ReadWrite>,
+    ) -> Result<Box<dyn ureq::ReadWrite>, ureq::Error> {
         let invalid = |e: String| ureq::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidInput, e));
         let name = utils::tls::server_name(dns_name).map_err(|e| invalid(e.to_string()))?;
         let mut conn = rustls::ClientConnection::new(self.0.clone(), name).map_err(|e| invalid(e.to_string()))?;
@@ -123,9 +127,7 @@ mod tests {
                     let Ok(mut tls) = acceptor.accept(sock).await else { return };
                     let mut buf = [0u8; 1024];
                     let _ = tls.read(&mut buf).await;
-                    let _ = tls
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
-                        .await;
+                    let _ = tls.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok").await;
                     let _ = tls.shutdown().await;
                 });
             }

@@ -246,7 +246,8 @@ impl PageServerConf {
         };
         let ssl_ca = match &file.ssl_ca_file {
             Some(ca) => Some(
-                utils::tls::TlsConnector::from_ca_file(&rel(ca)).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?,
+                utils::tls::TlsConnector::from_ca_file(&rel(ca))
+                    .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?,
             ),
             None => None,
         };

@@ -165,10 +165,11 @@ async fn start_tls(
             })
         }
     }
-    let stream = tls
-        .connect(host, sock)
-        .await
-        .map_err(|e| ClientError::Tls { addr: addr.to_string(), host: host.to_string(), source: e })?;
+    let stream = tls.connect(host, sock).await.map_err(|e| ClientError::Tls {
+        addr: addr.to_string(),
+        host: host.to_string(),
+        source: e,
+    })?;
     let (r, w) = tokio::io::split(stream);
     Ok((Box::new(r), Box::new(w)))
 }
@@ -579,6 +580,9 @@ mod tls_tests {
         let mut cfg = ConnectConfig::new("localhost", tls_port, "u");
         cfg.tls = Some(utils::tls::TlsConnector::from_ca_file(&other.ca).expect("connector"));
         let err = Client::connect(&cfg).await.err().expect("other CA");
-        assert!(matches!(err, ClientError::Tls { .. }) && err.to_string().contains("invalid peer certificate"), "{err}");
+        assert!(
+            matches!(err, ClientError::Tls { .. }) && err.to_string().contains("invalid peer certificate"),
+            "{err}"
+        );
     }
 }

@@ -46,9 +46,7 @@ pub fn server_config(cert_path: &Path, key_path: &Path, alpn: &[&[u8]]) -> anyho
 pub fn client_config(ca_path: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in read_certs(ca_path)? {
-        roots
-            .add(cert)
-            .map_err(|e| anyhow::anyhow!("{}: not a usable CA certificate: {e}", ca_path.display()))?;
+        roots.add(cert).map_err(|e| anyhow::anyhow!("{}: not a usable CA certificate: {e}", ca_path.display()))?;
     }
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -90,7 +88,8 @@ impl TlsConnector {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let name = server_name(host).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+        let name =
+            server_name(host).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
         tokio_rustls::TlsConnector::from(self.config.clone()).connect(name, stream).await
     }
 }
@@ -124,8 +123,21 @@ pub mod test_certs {
         std::fs::write(dir.join("ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").expect("write ext");
         openssl(
             &[
-                "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
-                "-extfile", "ext", "-out", "server.crt",
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "ext",
+                "-out",
+                "server.crt",
             ],
             dir,
         );

@@ -83,7 +83,8 @@ impl Timeline {
     /// Unexpired leases and when each ends, by LSN (read-only: for the HTTP API and tests).
     pub fn lease_list(&self, now: SystemTime) -> Vec<(Lsn, SystemTime)> {
         let leases = lock(&self.leases);
-        let mut out: Vec<(Lsn, SystemTime)> = leases.until.iter().filter(|(_, u)| **u > now).map(|(l, u)| (*l, *u)).collect();
+        let mut out: Vec<(Lsn, SystemTime)> =
+            leases.until.iter().filter(|(_, u)| **u > now).map(|(l, u)| (*l, *u)).collect();
         out.sort();
         out
     }
