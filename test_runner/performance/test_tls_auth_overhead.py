@@ -28,14 +28,22 @@ locally; the restarted one reads every block from the pageserver). Then, one sta
    (default 16MB, so that most reads are GetPage@LSN requests; commits wait for the
    safekeepers), `BENCH_TLS_CLIENTS` clients (default 4, 2 threads), `BENCH_TLS_SECONDS`
    (default 20) per run, `BENCH_TLS_ROUNDS` rounds per kind interleaved off/on/off/on.
-   Reported: mean TPS over the rounds (and each run) and mean latency.
+   Reported: mean TPS over the rounds (and each run) and mean latency. A third variant runs
+   pgbench against the secured stack with its own connection in plaintext (loopback,
+   `sslmode=disable`): what TLS + auth cost inside the stack, apart from the client's TLS to
+   Postgres (stock Postgres SSL, paid the same without us).
 
 Ratios are on/off (TPS, pages/s: below 1 is slower with TLS; latencies: above 1 is slower).
 
-Run (debug binaries from target/debug unless NEON_BIN_DIR says otherwise; about 4 minutes on 2
+Run (debug binaries from target/debug unless NEON_BIN_DIR says otherwise; about 5 minutes on 2
 cores at the defaults):
 
     .venv/bin/pytest test_runner/performance/test_tls_auth_overhead.py -m performance -s
+
+With release binaries (the figures to quote):
+
+    cargo build --release --bins
+    NEON_BIN_DIR=target/release .venv/bin/pytest test_runner/performance/test_tls_auth_overhead.py -m performance -s
 
 Quick smoke run:
 
@@ -160,10 +168,13 @@ class Stack:
         assert res["errors"] == 0 and res["zero_pages"] == 0 and res["pages_per_s"] > 0, f"stack {self.name}: {res}"
         return res
 
-    def pgbench_run(self, select_only: bool) -> tuple[float, float]:
-        """TPS (without connection time) and mean latency (ms) of one run."""
+    def pgbench_run(self, select_only: bool, app_tls: bool = True) -> tuple[float, float]:
+        """TPS (without connection time) and mean latency (ms) of one run. `app_tls=False`: pgbench
+        talks to the endpoint in plaintext over loopback (what pg_hba allows there), so only the
+        storage side (compute ↔ pageserver, safekeepers) is secured."""
         args = ["-c", str(CLIENTS), "-j", str(min(CLIENTS, 2)), "-T", str(SECONDS), "-n"] + (["-S"] if select_only else [])
-        out = pgbench(self.connstr, *args, timeout=SECONDS + 300).stdout
+        connstr = self.connstr if app_tls else self.connstr.partition("?")[0] + "?sslmode=disable"
+        out = pgbench(connstr, *args, timeout=SECONDS + 300).stdout
         tps = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out)
         lat = re.search(r"latency average = ([0-9.]+) ms", out)
         assert tps and lat, out
@@ -215,20 +226,24 @@ def test_tls_auth_overhead(stacks: dict[str, Stack], test_output_dir: Path):
         for side in SIDES:
             pb[side].append(stacks[side].pagebench(rels[side], lsns[side], log))
 
-    # pgbench, interleaved per kind.
+    # pgbench, interleaved per kind; "on-storage" is the secured stack with pgbench's own
+    # connection in plaintext: what TLS + auth cost inside the stack, apart from the client's TLS
+    # to Postgres (stock Postgres SSL, the same with or without us).
     runs: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    variants = (("off", "off", True), ("on", "on", True), ("on-storage", "on", False))
     # Select-only first: read-write makes the blocks it updates local to the compute.
     for kind in ("select-only", "read-write"):
         for _ in range(ROUNDS):
-            for side in SIDES:
-                runs.setdefault((kind, side), []).append(stacks[side].pgbench_run(select_only=kind == "select-only"))
+            for name, side, app_tls in variants:
+                runs.setdefault((kind, name), []).append(stacks[side].pgbench_run(select_only=kind == "select-only", app_tls=app_tls))
 
     rows: list[tuple[str, float, float]] = []  # (metric, off, on)
     for kind in ("read-write", "select-only"):
-        tps = {side: statistics.mean(t for t, _ in runs[(kind, side)]) for side in SIDES}
-        lat = {side: statistics.mean(lt for _, lt in runs[(kind, side)]) for side in SIDES}
+        tps = {name: statistics.mean(t for t, _ in runs[(kind, name)]) for name, _, _ in variants}
+        lat = {name: statistics.mean(lt for _, lt in runs[(kind, name)]) for name, _, _ in variants}
         rows.append((f"pgbench {kind} TPS (mean of {ROUNDS})", tps["off"], tps["on"]))
         rows.append((f"pgbench {kind} latency avg, ms", lat["off"], lat["on"]))
+        rows.append((f"  same, pgbench->endpoint plaintext: TPS", tps["off"], tps["on-storage"]))
     med = {side: {k: statistics.median(r["latency_us"][k] if k in ("p50", "p99") else r[k] for r in pb[side]) for k in ("p50", "p99", "pages_per_s")} for side in SIDES}
     rows.append(("GetPage@LSN p50, us (1 client)", med["off"]["p50"], med["on"]["p50"]))
     rows.append(("GetPage@LSN p99, us (1 client)", med["off"]["p99"], med["on"]["p99"]))
@@ -243,7 +258,7 @@ def test_tls_auth_overhead(stacks: dict[str, Stack], test_output_dir: Path):
         print(f"{name:<{w}}  {off:>10.2f}  {on:>13.2f}  {ratio(on, off):>7}")
     print("\nruns (TPS / latency ms):")
     for (kind, side), rs in runs.items():
-        print(f"  {kind:<11} {side:<3}: " + ", ".join(f"{t:.1f} / {lt:.2f}" for t, lt in rs))
+        print(f"  {kind:<11} {side:<10}: " + ", ".join(f"{t:.1f} / {lt:.2f}" for t, lt in rs))
     print("pagebench rounds (p50 us / p99 us / pages/s):")
     for side in SIDES:
         print(f"  {side:<3}: " + ", ".join(f"{r['latency_us']['p50']} / {r['latency_us']['p99']} / {r['pages_per_s']:.0f}" for r in pb[side]))
