@@ -222,6 +222,26 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), task).await.expect("stops on shutdown").expect("join");
     }
 
+    /// The clock is paused: it jumps ahead whenever every task waits, so the 10 s pass at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_completes_the_handshake_is_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certs = test_certs::make(dir.path());
+        let (port, shutdown, task) = start(Some(tls_config(&certs.cert, &certs.key).expect("tls"))).await;
+        let mut silent = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+        let t0 = tokio::time::Instant::now();
+        let mut buf = [0u8; 16];
+        // The server closes the connection (EOF, or a reset) without having sent anything.
+        let n = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT * 3, silent.read(&mut buf))
+            .await
+            .expect("the silent client was never dropped")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "a silent client got bytes");
+        assert!(t0.elapsed() >= TLS_HANDSHAKE_TIMEOUT, "dropped after {:?}", t0.elapsed());
+        shutdown.cancel();
+        task.await.expect("join");
+    }
+
     #[tokio::test]
     async fn plain_http_without_a_certificate() {
         let (port, shutdown, task) = start(None).await;
