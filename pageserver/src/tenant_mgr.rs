@@ -170,14 +170,9 @@ impl TenantManager {
         let bytes = serde_json::to_vec_pretty(overrides)?;
         let (dir2, bytes2) = (dir.clone(), bytes.clone());
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            use std::io::Write;
             std::fs::create_dir_all(&dir2)?;
             let temp = dir2.join(format!("{TENANT_CONFIG_FILE_NAME}.tmp"));
-            let mut f = std::fs::File::create(&temp)?;
-            f.write_all(&bytes2)?;
-            f.sync_all()?;
-            std::fs::rename(&temp, dir2.join(TENANT_CONFIG_FILE_NAME))?;
-            std::fs::File::open(&dir2)?.sync_all()?;
+            utils::durable::replace_file(&dir2.join(TENANT_CONFIG_FILE_NAME), &temp, &bytes2)?;
             Ok(())
         })
         .await??;

@@ -2,6 +2,7 @@
 //! TLS settings, serving HTTP(S).
 
 pub mod auth;
+pub mod durable;
 pub mod http_server;
 pub mod id;
 pub mod logging;

@@ -23,8 +23,8 @@
 //!  68  u32  crc32c of bytes 0..68
 //! ```
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use utils::{Lsn, TimelineId};
@@ -221,21 +221,7 @@ pub fn load_metadata(timeline_dir: &Path) -> Result<TimelineMetadata, MetadataEr
 pub fn save_metadata(timeline_dir: &Path, md: &TimelineMetadata) -> Result<(), MetadataError> {
     let path = metadata_path(timeline_dir);
     let temp = timeline_dir.join(METADATA_TEMP_FILE_NAME);
-    let bytes = md.encode();
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&temp)
-        .map_err(|e| MetadataError::io(&temp, "creating the temp file", e))?;
-    f.write_all(&bytes).map_err(|e| MetadataError::io(&temp, "writing the temp file", e))?;
-    f.sync_all().map_err(|e| MetadataError::io(&temp, "fsyncing the temp file", e))?;
-    drop(f);
-    fs::rename(&temp, &path).map_err(|e| MetadataError::io(&path, "renaming the temp file over it", e))?;
-    File::open(timeline_dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| MetadataError::io(&path, "fsyncing the timeline directory", e))?;
-    Ok(())
+    utils::durable::replace_file(&path, &temp, &md.encode()).map_err(|e| MetadataError::io(&e.path, e.step, e.source))
 }
 
 #[cfg(test)]

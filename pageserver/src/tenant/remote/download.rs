@@ -173,9 +173,8 @@ pub async fn restore_tenant(
         match storage.get_bytes(&remote).await {
             Ok(bytes) => {
                 let temp = tenant_dir.join(format!("{TENANT_CONFIG_FILE_NAME}.download"));
-                tokio::fs::write(&temp, &bytes).await.with_context(|| format!("writing {}", temp.display()))?;
-                tokio::fs::File::open(&temp).await?.sync_all().await?;
-                tokio::fs::rename(&temp, &config_path).await.with_context(|| format!("renaming {}", temp.display()))?;
+                let path = config_path.clone();
+                tokio::task::spawn_blocking(move || utils::durable::replace_file(&path, &temp, &bytes)).await??;
                 info!(tenant = %tenant_id, "restored the tenant's settings from remote storage");
             }
             Err(e) if e.is_not_found() => {}
