@@ -77,6 +77,8 @@ pub struct TenantManager {
     walreceivers: Mutex<HashMap<(TenantId, TimelineId), CancellationToken>>,
     /// Serialises timeline and tenant creation and deletion.
     lifecycle: tokio::sync::Mutex<()>,
+    /// Where every timeline's WAL receiver gets WAL from (addresses, TLS, token): one for all.
+    wal_sources: Arc<walreceiver::WalSources>,
     /// The compaction/GC loop; awaited at shutdown so no compaction (which applies WAL records
     /// through the runtime) still runs while the runtime goes away.
     background: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -95,9 +97,13 @@ impl TenantManager {
         resources: TimelineResources,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
-        // Every timeline's WAL receiver finds the token in its resources.
-        let resources = resources.with_safekeeper_auth_token(conf.safekeeper_auth_token.clone());
+        let wal_sources = Arc::new(walreceiver::WalSources {
+            safekeepers: conf.safekeepers.clone(),
+            tls: conf.ssl_ca.clone(),
+            token: conf.safekeeper_auth_token.clone(),
+        });
         let mgr = Arc::new(TenantManager {
+            wal_sources,
             conf,
             resources,
             tenants: RwLock::new(HashMap::new()),
@@ -536,8 +542,7 @@ impl TenantManager {
         }
         let stop = self.shutdown.child_token();
         self.walreceivers.lock().expect("lock").insert((tl.tenant_id(), tl.timeline_id()), stop.clone());
-        let src = walreceiver::WalSources { safekeepers: self.conf.safekeepers.clone(), tls: self.conf.ssl_ca.clone() };
-        tokio::spawn(walreceiver::run(tl.clone(), Arc::new(src), stop));
+        tokio::spawn(walreceiver::run(tl.clone(), Arc::clone(&self.wal_sources), stop));
     }
 
     pub fn list_tenants(&self) -> Vec<Arc<Tenant>> {

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use utils::Lsn;
 
+use crate::config::SafekeeperAuthToken;
 use crate::pgdatadir_mapping::DatadirModification;
 use crate::tenant::timeline::Timeline;
 use crate::walingest::WalIngest;
@@ -36,9 +37,21 @@ pub struct WalSources {
     pub safekeepers: Vec<String>,
     /// `ssl_ca_file`: connections are TLS-only, certificates checked against this CA.
     pub tls: Option<utils::tls::TlsConnector>,
+    /// The token for safekeepers with auth on (`safekeeper_auth_token_path`, else
+    /// `$NEON_AUTH_TOKEN`; see `PageServerConf`).
+    pub token: Option<SafekeeperAuthToken>,
 }
 
-fn conn_config(addr: &str, tl: &Timeline, src: &WalSources) -> anyhow::Result<ConnectConfig> {
+impl WalSources {
+    /// The token as it is now (a token file is read again: rewriting it rotates the token).
+    fn password(&self) -> anyhow::Result<Option<String>> {
+        self.token.as_ref().map(SafekeeperAuthToken::get).transpose()
+    }
+}
+
+/// How to reach safekeeper `addr` for `tl`; `password`: from [`WalSources::password`], read once
+/// per round of connections.
+fn conn_config(addr: &str, tl: &Timeline, src: &WalSources, password: Option<String>) -> anyhow::Result<ConnectConfig> {
     let (host, port) =
         addr.rsplit_once(':').with_context(|| format!("safekeeper address '{addr}' is not host:port"))?;
     let mut c = ConnectConfig::new(host, port.parse().with_context(|| format!("bad port in '{addr}'"))?, "pageserver");
@@ -46,17 +59,18 @@ fn conn_config(addr: &str, tl: &Timeline, src: &WalSources) -> anyhow::Result<Co
         vec![("tenant_id".into(), tl.tenant_id().to_string()), ("timeline_id".into(), tl.timeline_id().to_string())];
     c.connect_timeout = Duration::from_secs(5);
     c.tls = src.tls.clone();
-    // The token for safekeepers with auth on (safekeeper_auth_token_path, else $NEON_AUTH_TOKEN;
-    // see PageServerConf); sent only if asked for.
-    c.password = tl.resources().safekeeper_auth_token.as_ref().map(|t| t.get()).transpose()?;
+    // Sent only if the safekeeper asks for it.
+    c.password = password;
     Ok(c)
 }
 
 /// The reachable safekeeper with the highest commit LSN.
-async fn pick_safekeeper(tl: &Timeline, src: &WalSources) -> Option<(String, Lsn)> {
+/// Fails only if the token cannot be read (the safekeepers' own failures just skip them).
+async fn pick_safekeeper(tl: &Timeline, src: &WalSources) -> anyhow::Result<Option<(String, Lsn)>> {
     let mut best: Option<(String, Lsn)> = None;
+    let password = src.password()?;
     for sk in &src.safekeepers {
-        let Ok(cfg) = conn_config(sk, tl, src) else { continue };
+        let Ok(cfg) = conn_config(sk, tl, src, password.clone()) else { continue };
         let status = async {
             let mut c = Client::connect(&cfg).await?;
             let rows = c.simple_query("TIMELINE_STATUS").await?;
@@ -70,7 +84,7 @@ async fn pick_safekeeper(tl: &Timeline, src: &WalSources) -> Option<(String, Lsn
             Err(e) => debug!("safekeeper {sk} not usable for {}/{}: {e:#}", tl.tenant_id(), tl.timeline_id()),
         }
     }
-    best
+    Ok(best)
 }
 
 /// Runs until `stop`, reconnecting with backoff.
@@ -96,7 +110,7 @@ pub async fn run(tl: Arc<Timeline>, src: Arc<WalSources>, stop: CancellationToke
 }
 
 async fn session(tl: &Arc<Timeline>, src: &WalSources) -> anyhow::Result<()> {
-    let Some((sk, commit)) = pick_safekeeper(tl, src).await else {
+    let Some((sk, commit)) = pick_safekeeper(tl, src).await? else {
         bail!("no safekeeper has timeline {}/{}", tl.tenant_id(), tl.timeline_id())
     };
     let start = tl.get_last_record_lsn();
@@ -105,7 +119,7 @@ async fn session(tl: &Arc<Timeline>, src: &WalSources) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
         return Ok(());
     }
-    let mut cfg = conn_config(&sk, tl, src)?;
+    let mut cfg = conn_config(&sk, tl, src, src.password()?)?;
     cfg.replication = Some("true".into());
     let client = Client::connect(&cfg).await?;
     let (mut reader, mut writer) = client.copy_both(&format!("START_REPLICATION PHYSICAL {start}")).await?;
@@ -171,7 +185,7 @@ async fn session(tl: &Arc<Timeline>, src: &WalSources) -> anyhow::Result<()> {
             _ = lag_check.tick() => {
                 // Another safekeeper far ahead of ours: ours lags or is cut off from the quorum;
                 // reconnect to the best one. (Our own ingest lag is not a reason to switch.)
-                if let Some((best, commit)) = pick_safekeeper(tl, src).await {
+                if let Ok(Some((best, commit))) = pick_safekeeper(tl, src).await {
                     let ahead = commit.checked_sub(source_end).unwrap_or(0);
                     let stalled = source_moved_at.elapsed() >= STALLED_SWITCH_AFTER;
                     if best != sk && (ahead > MAX_LAG_BYTES || (ahead > 0 && stalled)) {

@@ -85,8 +85,6 @@ pub struct TimelineResources {
     pub block_cache: Arc<BlockCache>,
     /// Where layers and indexes are uploaded (DESIGN D8); `None`: local disk only.
     pub remote_storage: Option<GenericRemoteStorage>,
-    /// What the WAL receiver presents to safekeepers with auth on; `None`: no password.
-    pub safekeeper_auth_token: Option<crate::config::SafekeeperAuthToken>,
 }
 
 impl TimelineResources {
@@ -96,13 +94,7 @@ impl TimelineResources {
             redo,
             block_cache: Arc::new(BlockCache::new(DEFAULT_BLOCK_CACHE_BLOCKS)),
             remote_storage: None,
-            safekeeper_auth_token: None,
         }
-    }
-
-    /// The same, with the process's token for the safekeepers.
-    pub fn with_safekeeper_auth_token(self, token: Option<crate::config::SafekeeperAuthToken>) -> TimelineResources {
-        TimelineResources { safekeeper_auth_token: token, ..self }
     }
 
     /// The same, uploading every timeline's layers and index to `storage`.
@@ -1121,7 +1113,6 @@ pub(crate) mod tests {
             redo: Arc::new(AppendApplier),
             block_cache: Arc::new(BlockCache::new(256)),
             remote_storage: None,
-            safekeeper_auth_token: None,
         }
     }
 
