@@ -89,6 +89,23 @@ fn server_conn(hp: &HostPort, user: &str) -> ConnectConfig {
     c
 }
 
+/// The walproposer of this compute: sync-safekeepers (`postgres: None`) or streaming from its
+/// Postgres; safekeepers reached like [`server_conn`] does.
+fn walproposer_config(spec: &ComputeSpec, postgres: Option<PostgresSource>) -> anyhow::Result<DriverConfig> {
+    Ok(DriverConfig {
+        safekeepers: spec.safekeepers.iter().map(|s| host_port(s)).collect::<anyhow::Result<_>>()?,
+        tenant_id: spec.tenant_id,
+        timeline_id: spec.timeline_id,
+        postgres,
+        system_id: 0,
+        pg_version: 150018,
+        wal_seg_size: 16 * 1024 * 1024,
+        safekeeper_password: auth_token(),
+        safekeeper_tls: CLIENT_TLS.get().cloned().flatten(),
+        reconnect_backoff_max: Duration::from_secs(2),
+    })
+}
+
 /// Where Postgres finds its TLS files: copied into the data directory, where the OS user
 /// Postgres runs as owns them (Postgres refuses a key file others can read).
 const PG_SERVER_CERT: &str = "server.crt";
@@ -156,18 +173,7 @@ async fn primary_start_lsn(spec: &ComputeSpec) -> anyhow::Result<Lsn> {
         }
     }
     info!("safekeepers do not agree on the WAL end; running the election (sync-safekeepers)");
-    let cfg = DriverConfig {
-        safekeepers: spec.safekeepers.iter().map(|s| host_port(s)).collect::<anyhow::Result<_>>()?,
-        tenant_id: spec.tenant_id,
-        timeline_id: spec.timeline_id,
-        postgres: None,
-        system_id: 0,
-        pg_version: 150018,
-        wal_seg_size: 16 * 1024 * 1024,
-        safekeeper_password: auth_token(),
-        safekeeper_tls: CLIENT_TLS.get().cloned().flatten(),
-        reconnect_backoff_max: Duration::from_secs(2),
-    };
+    let cfg = walproposer_config(spec, None)?;
     match tokio::time::timeout(Duration::from_secs(120), driver::run(cfg, CancellationToken::new())).await {
         Ok(Ok(Outcome::Synced(lsn))) => Ok(lsn),
         Ok(Ok(Outcome::Stopped)) => bail!("sync-safekeepers was interrupted"),
@@ -428,10 +434,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let os_user = PgOsUser::resolve()?;
-    let connector = match &tls.ca_file {
-        Some(ca) => Some(utils::tls::TlsConnector::from_ca_file(ca).context("--ssl-ca-file")?),
-        None => None,
-    };
+    let connector =
+        tls.ca_file.as_deref().map(utils::tls::TlsConnector::from_ca_file).transpose().context("--ssl-ca-file")?;
     if CLIENT_TLS.set(connector).is_err() {
         bail!("compute::run runs once per process");
     }
@@ -474,21 +478,9 @@ pub async fn run(
     // on the WAL Postgres writes while shutting down.
     let wp_stop = CancellationToken::new();
     let mut walproposer = if spec.mode == ComputeMode::Primary {
-        let cfg = DriverConfig {
-            safekeepers: spec.safekeepers.iter().map(|s| host_port(s)).collect::<anyhow::Result<_>>()?,
-            tenant_id: spec.tenant_id,
-            timeline_id: spec.timeline_id,
-            postgres: Some(PostgresSource {
-                addr: HostPort { host: "127.0.0.1".into(), port: spec.pg_port },
-                user: SUPERUSER.into(),
-            }),
-            system_id: 0,
-            pg_version: 150018,
-            wal_seg_size: 16 * 1024 * 1024,
-            safekeeper_password: auth_token(),
-            safekeeper_tls: CLIENT_TLS.get().cloned().flatten(),
-            reconnect_backoff_max: Duration::from_secs(2),
-        };
+        let pg =
+            PostgresSource { addr: HostPort { host: "127.0.0.1".into(), port: spec.pg_port }, user: SUPERUSER.into() };
+        let cfg = walproposer_config(&spec, Some(pg))?;
         Some(tokio::spawn(driver::run(cfg, wp_stop.clone())))
     } else {
         None

@@ -113,10 +113,8 @@ fn driver_config(
     postgres: Option<PostgresSource>,
     system_id: u64,
 ) -> anyhow::Result<DriverConfig> {
-    let safekeeper_tls = match &sk.ssl_ca_file {
-        Some(ca) => Some(utils::tls::TlsConnector::from_ca_file(ca).context("--ssl-ca-file")?),
-        None => None,
-    };
+    let safekeeper_tls =
+        sk.ssl_ca_file.as_deref().map(utils::tls::TlsConnector::from_ca_file).transpose().context("--ssl-ca-file")?;
     Ok(DriverConfig {
         safekeepers: sk.safekeepers.clone(),
         tenant_id: sk.tenant_id,

@@ -237,20 +237,18 @@ impl PageServerConf {
         let (pg_tls, http_tls) = match (&file.ssl_cert_file, &file.ssl_key_file) {
             (None, None) => (None, None),
             (Some(cert), Some(key)) => {
-                let in_conf = |e: anyhow::Error| anyhow::anyhow!("{}: {e:#}", path.display());
-                let pg = pq_proto::RustlsAcceptor::from_pem_files(&rel(cert), &rel(key)).map_err(in_conf)?;
-                let http = utils::http_server::tls_config(&rel(cert), &rel(key)).map_err(in_conf)?;
-                (Some(Arc::new(pg)), Some(http))
+                let tls = pq_proto::ListenerTls::from_pem_files(&rel(cert), &rel(key))
+                    .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
+                (Some(tls.pg), Some(tls.http))
             }
             _ => anyhow::bail!("{}: ssl_cert_file and ssl_key_file go together", path.display()),
         };
-        let ssl_ca = match &file.ssl_ca_file {
-            Some(ca) => Some(
-                utils::tls::TlsConnector::from_ca_file(&rel(ca))
-                    .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?,
-            ),
-            None => None,
-        };
+        let ssl_ca = file
+            .ssl_ca_file
+            .as_ref()
+            .map(|ca| utils::tls::TlsConnector::from_ca_file(&rel(ca)))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
         let safekeeper_auth_token = match &file.safekeeper_auth_token_path {
             Some(p) => {
                 let p = rel(p);

@@ -142,9 +142,8 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
 
     let (pg_tls, http_tls) = match (&args.ssl_cert_file, &args.ssl_key_file) {
         (Some(cert), Some(key)) => {
-            let pg = pq_proto::RustlsAcceptor::from_pem_files(cert, key).context("--ssl-cert-file/--ssl-key-file")?;
-            let http = utils::http_server::tls_config(cert, key).context("--ssl-cert-file/--ssl-key-file")?;
-            (Some(Arc::new(pg) as Arc<dyn pq_proto::TlsAcceptor>), Some(http))
+            let tls = pq_proto::ListenerTls::from_pem_files(cert, key).context("--ssl-cert-file/--ssl-key-file")?;
+            (Some(tls.pg as Arc<dyn pq_proto::TlsAcceptor>), Some(tls.http))
         }
         _ => (None, None),
     };

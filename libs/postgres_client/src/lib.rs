@@ -141,9 +141,6 @@ pub struct MessageWriter {
     buf: BytesMut,
 }
 
-/// SSLRequest: length 8, code 1234.5679.
-const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
-
 /// Upgrades a fresh connection to TLS: SSLRequest, the server's one-byte answer, the handshake.
 async fn start_tls(
     mut sock: TcpStream,
@@ -152,7 +149,9 @@ async fn start_tls(
     addr: &str,
 ) -> Result<(ReadHalf, WriteHalf), ClientError> {
     let io = |e| ClientError::Io { addr: addr.to_string(), source: e };
-    sock.write_all(&SSL_REQUEST).await.map_err(io)?;
+    let mut request = BytesMut::new();
+    frontend::ssl_request(&mut request);
+    sock.write_all(&request).await.map_err(io)?;
     let mut answer = [0u8; 1];
     match sock.read(&mut answer).await.map_err(io)? {
         0 => return Err(ClientError::Closed { addr: addr.to_string() }),

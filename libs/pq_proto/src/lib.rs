@@ -28,4 +28,4 @@ pub use startup::{FeStartupPacket, StartupParams};
 pub mod jwt;
 pub use jwt::JwtPasswordAuth;
 pub mod tls;
-pub use tls::RustlsAcceptor;
+pub use tls::{ListenerTls, RustlsAcceptor};

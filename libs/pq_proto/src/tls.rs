@@ -3,6 +3,7 @@
 
 use std::io;
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::backend::{BoxFuture, BoxedStream, TlsAcceptor};
 
@@ -17,6 +18,23 @@ impl RustlsAcceptor {
     pub fn from_pem_files(cert_path: &Path, key_path: &Path) -> anyhow::Result<RustlsAcceptor> {
         let config = utils::tls::server_config(cert_path, key_path, &[])?;
         Ok(RustlsAcceptor { inner: tokio_rustls::TlsAcceptor::from(config) })
+    }
+}
+
+/// A daemon's TLS identity on both its listeners, loaded once from one certificate and key:
+/// libpq (answers SSLRequest) and HTTP (ALPN `http/1.1`).
+pub struct ListenerTls {
+    pub pg: Arc<RustlsAcceptor>,
+    pub http: Arc<utils::http_server::TlsServerConfig>,
+}
+
+impl ListenerTls {
+    pub fn from_pem_files(cert_path: &Path, key_path: &Path) -> anyhow::Result<ListenerTls> {
+        let http = utils::http_server::tls_config(cert_path, key_path)?;
+        // The same identity without ALPN: libpq clients before Postgres 17 offer none.
+        let mut pg = (*http).clone();
+        pg.alpn_protocols.clear();
+        Ok(ListenerTls { pg: Arc::new(RustlsAcceptor { inner: tokio_rustls::TlsAcceptor::from(Arc::new(pg)) }), http })
     }
 }
 
@@ -42,7 +60,6 @@ mod tests {
     use crate::backend::{BackendConfig, PostgresBackend, QueryHandler, TrustAuth};
     use crate::QueryError;
     use std::process::Command;
-    use std::sync::Arc;
 
     /// A self-signed certificate for `localhost` (the openssl CLI, as an operator would make one).
     fn self_signed(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {

@@ -79,10 +79,6 @@ impl TlsConnector {
         Ok(TlsConnector { config: client_config(ca_path)? })
     }
 
-    pub fn config(&self) -> Arc<rustls::ClientConfig> {
-        self.config.clone()
-    }
-
     /// Runs the handshake over `stream`, checking the certificate against `host`.
     pub async fn connect<S>(&self, host: &str, stream: S) -> std::io::Result<tokio_rustls::client::TlsStream<S>>
     where

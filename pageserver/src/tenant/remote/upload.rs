@@ -138,9 +138,9 @@ impl RemoteTimelineClient {
         })
     }
 
-    /// Starts the upload task. It runs for the life of the process.
-    /// Starts the task. `known_index`: the remote index the caller already downloaded (so the
-    /// task does not fetch it again); `None`: the task downloads it.
+    /// Starts the upload task; it runs for the life of the process. `known_index`: the remote
+    /// index the caller already downloaded (so the task does not fetch it again); `None`: the
+    /// task downloads it.
     pub fn launch(self: &Arc<Self>, known_index: Option<IndexPart>) {
         self.runtime.spawn(Arc::clone(self).run(known_index));
     }
