@@ -135,8 +135,10 @@ fn authed(req: ureq::Request) -> ureq::Request {
     }
 }
 
+/// Absolute, so every path handed to a daemon (config files, keys, certificates) is too.
 fn repo_dir() -> PathBuf {
-    std::env::var_os("NEON_REPO_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".neon"))
+    let dir = std::env::var_os("NEON_REPO_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".neon"));
+    std::path::absolute(&dir).unwrap_or(dir)
 }
 
 fn port_free(port: u16) -> bool {
@@ -332,8 +334,8 @@ impl Env {
         auth: bool,
     ) -> anyhow::Result<Env> {
         let dir = repo_dir();
-        let mut remote_section = remote.toml_section(&std::path::absolute(&dir)?.join("remote_storage"))?;
-        let mut safekeeper_remote_storage = remote.safekeeper_json(&std::path::absolute(&dir)?.join("remote_storage"));
+        let mut remote_section = remote.toml_section(&dir.join("remote_storage"))?;
+        let mut safekeeper_remote_storage = remote.safekeeper_json(&dir.join("remote_storage"));
         if let Some(encryption) = encryption {
             let Some(safekeeper_json) = safekeeper_remote_storage.as_mut() else {
                 bail!("--encryption-kek-file needs --remote-storage local|s3 (it encrypts what is uploaded there)");
@@ -411,19 +413,19 @@ impl Env {
             utils::auth::write_keypair(&env.auth_dir())?;
             format!(
                 "auth_validation_public_key_path = '{}'\nhttp_auth_type = 'NeonJWT'\npg_auth_type = 'NeonJWT'\n",
-                std::path::absolute(env.auth_dir().join("public.pem"))?.display()
+                env.auth_dir().join("public.pem").display()
             )
         } else {
             String::new()
         };
         let tls_section = if env.conf.tls {
             crate::tls::generate(&env.tls_dir())?;
-            let f = |name: &str| std::path::absolute(env.tls_dir().join(name)).map(|p| p.display().to_string());
+            let f = |name: &str| env.tls_dir().join(name).display().to_string();
             format!(
                 "ssl_cert_file = '{}'\nssl_key_file = '{}'\nssl_ca_file = '{}'\n",
-                f(crate::tls::SERVER_CERT)?,
-                f(crate::tls::SERVER_KEY)?,
-                f(crate::tls::CA_CERT)?
+                f(crate::tls::SERVER_CERT),
+                f(crate::tls::SERVER_KEY),
+                f(crate::tls::CA_CERT)
             )
         } else {
             String::new()
@@ -472,12 +474,9 @@ impl Env {
         self.dir.join("tls")
     }
 
-    /// The stack's CA certificate (absolute), when it has TLS.
+    /// The stack's CA certificate, when it has TLS.
     pub fn tls_ca(&self) -> Option<PathBuf> {
-        self.conf.tls.then(|| {
-            let p = self.tls_dir().join(crate::tls::CA_CERT);
-            std::path::absolute(&p).unwrap_or(p)
-        })
+        self.conf.tls.then(|| self.tls_dir().join(crate::tls::CA_CERT))
     }
 
     /// `http` or `https`.
@@ -494,10 +493,7 @@ impl Env {
         if !self.conf.tls {
             return Vec::new();
         }
-        let f = |name: &str| {
-            let p = self.tls_dir().join(name);
-            std::path::absolute(&p).unwrap_or(p).display().to_string()
-        };
+        let f = |name: &str| self.tls_dir().join(name).display().to_string();
         vec![
             "--ssl-cert-file".into(),
             f(crate::tls::SERVER_CERT),
@@ -553,8 +549,7 @@ impl Env {
         if !self.conf.auth {
             return Vec::new();
         }
-        let key = std::path::absolute(self.auth_dir().join("public.pem"))
-            .unwrap_or_else(|_| self.auth_dir().join("public.pem"));
+        let key = self.auth_dir().join("public.pem");
         let mut args = vec![public_key_flag.to_string(), key.display().to_string()];
         if public_key_flag == "--auth-validation-public-key-path" {
             args.extend(["--http-auth-type", "NeonJWT", "--pg-auth-type", "NeonJWT"].map(String::from));

@@ -113,25 +113,14 @@ mod tests {
         generate(dir.path()).expect("generate");
         let mode = fs::metadata(dir.path().join(SERVER_KEY)).expect("key").permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "the key is for its owner only");
-        let config = utils::tls::server_config(&dir.path().join(SERVER_CERT), &dir.path().join(SERVER_KEY), &[])
+        // The daemons' own HTTPS server, with the generated identity.
+        let tls = utils::http_server::tls_config(&dir.path().join(SERVER_CERT), &dir.path().join(SERVER_KEY))
             .expect("the generated identity loads");
-        let acceptor = tokio_rustls::TlsAcceptor::from(config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
-        tokio::spawn(async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            loop {
-                let (sock, _) = listener.accept().await.expect("accept");
-                let acceptor = acceptor.clone();
-                tokio::spawn(async move {
-                    let Ok(mut tls) = acceptor.accept(sock).await else { return };
-                    let mut buf = [0u8; 1024];
-                    let _ = tls.read(&mut buf).await;
-                    let _ = tls.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok").await;
-                    let _ = tls.shutdown().await;
-                });
-            }
-        });
+        let router = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(utils::http_server::serve(listener, router, Some(tls), shutdown.clone()));
         let ca = dir.path().join(CA_CERT);
         let body = tokio::task::spawn_blocking(move || {
             let a = agent(Some(&ca)).expect("agent");
@@ -148,5 +137,6 @@ mod tests {
         .expect("client");
         assert_eq!((body.0.as_str(), body.1.as_str()), ("ok", "ok"));
         assert!(body.2.contains("invalid peer certificate"), "{}", body.2);
+        shutdown.cancel();
     }
 }
