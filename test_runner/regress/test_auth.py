@@ -44,6 +44,14 @@ class Minter:
         self.minted.append(tok)
         return tok
 
+    def pageserver_conf(self) -> str:
+        """pageserver.toml lines: tokens checked with our public key on HTTP and libpq."""
+        return f"auth_validation_public_key_path = '{self.public_key}'\nhttp_auth_type = 'NeonJWT'\npg_auth_type = 'NeonJWT'\n"
+
+    def safekeeper_flags(self) -> list[str]:
+        """The safekeeper's flags for the same."""
+        return ["--auth-validation-public-key-path", str(self.public_key), "--http-auth-type", "NeonJWT", "--pg-auth-type", "NeonJWT"]
+
 
 def cell_token(m: Minter, cell: str, valid_scope: str, tenant: str, other_tenant: str, wrong: str | None = None) -> str | None:
     """The token of a cell for a route whose valid token is `valid_scope` (for `tenant`);
@@ -74,7 +82,7 @@ def auth_pageserver(daemons, test_output_dir, port_allocator):
         port_allocator.get(),
         port_allocator.get(),
         [],
-        extra_conf=f"auth_validation_public_key_path = '{m.public_key}'\nhttp_auth_type = 'NeonJWT'\npg_auth_type = 'NeonJWT'\n",
+        extra_conf=m.pageserver_conf(),
     ).start()
     return ps, m
 
@@ -286,7 +294,7 @@ def test_safekeeper_matrix(daemons, test_output_dir, port_allocator):
     m = Minter(test_output_dir / "auth")
     sk = Safekeeper(
         daemons, 1, test_output_dir / "sk1", port_allocator.get(), port_allocator.get(), sync=False,
-        extra_args=["--auth-validation-public-key-path", str(m.public_key), "--http-auth-type", "NeonJWT", "--pg-auth-type", "NeonJWT"],
+        extra_args=m.safekeeper_flags(),
     ).start()
     base = f"http://127.0.0.1:{sk.http_port}"
     admin = m.token("admin")
@@ -364,6 +372,22 @@ def test_safekeeper_matrix(daemons, test_output_dir, port_allocator):
     assert_no_secrets(test_output_dir, m)
 
 
+def create_timeline_everywhere(ps: Pageserver, sk: Safekeeper, m: Minter, tenant: str, timeline: str) -> str:
+    """A new tenant and timeline on the pageserver, and the timeline on `sk` at its start LSN
+    (each through its API with the token it needs); returns that LSN."""
+    api = m.token("pageserverapi")
+    assert req(ps, "POST", "/v1/tenant", api, {"tenant_id": tenant}).status_code == 201
+    start = req(ps, "POST", f"/v1/tenant/{tenant}/timeline", api, {"new_timeline_id": timeline}).json()["last_record_lsn"]
+    r = requests.post(
+        f"http://127.0.0.1:{sk.http_port}/v1/tenant/{tenant}/timeline",
+        json={"timeline_id": timeline, "start_lsn": start, "pg_version": 150018},
+        headers={"Authorization": f"Bearer {m.token('safekeeperdata')}"},
+        timeout=10,
+    )
+    assert r.status_code == 201, r.text
+    return start
+
+
 def test_compute_with_auth(daemons, test_output_dir, port_allocator):
     """The whole stack with auth on: a compute reaches its tenant through its token alone (the
     neon extension's pageserver reads, the walproposer's safekeepers, basebackup and leases), and
@@ -371,29 +395,19 @@ def test_compute_with_auth(daemons, test_output_dir, port_allocator):
     from fixtures.compute import Compute
 
     m = Minter(test_output_dir / "auth")
-    flags = ["--auth-validation-public-key-path", str(m.public_key), "--http-auth-type", "NeonJWT", "--pg-auth-type", "NeonJWT"]
-    sk = Safekeeper(daemons, 1, test_output_dir / "sk1", port_allocator.get(), port_allocator.get(), sync=False, extra_args=flags).start()
+    sk = Safekeeper(daemons, 1, test_output_dir / "sk1", port_allocator.get(), port_allocator.get(), sync=False, extra_args=m.safekeeper_flags()).start()
     ps = Pageserver(
         daemons,
         test_output_dir / "pageserver",
         port_allocator.get(),
         port_allocator.get(),
         [sk.addr],
-        extra_conf=f"auth_validation_public_key_path = '{m.public_key}'\nhttp_auth_type = 'NeonJWT'\npg_auth_type = 'NeonJWT'\n",
+        extra_conf=m.pageserver_conf(),
         env={**os.environ, "NEON_AUTH_TOKEN": m.token("safekeeperdata")},
     ).start()
     a, b = uuid.uuid4().hex, uuid.uuid4().hex
     tl = uuid.uuid4().hex
-    api = m.token("pageserverapi")
-    assert req(ps, "POST", "/v1/tenant", api, {"tenant_id": a}).status_code == 201
-    start = req(ps, "POST", f"/v1/tenant/{a}/timeline", api, {"new_timeline_id": tl}).json()["last_record_lsn"]
-    r = requests.post(
-        f"http://127.0.0.1:{sk.http_port}/v1/tenant/{a}/timeline",
-        json={"timeline_id": tl, "start_lsn": start, "pg_version": 150018},
-        headers={"Authorization": f"Bearer {m.token('safekeeperdata')}"},
-        timeout=10,
-    )
-    assert r.status_code == 201, r.text
+    create_timeline_everywhere(ps, sk, m, a, tl)
     daemons.allow_errors("walproposer", "Postgres ended the replication stream", "disconnected")
     spec = {"tenant_id": a, "timeline_id": tl, "pageserver": f"127.0.0.1:{ps.pg_port}", "safekeepers": [sk.addr], "mode": "primary", "pg_port": port_allocator.get()}
     compute = Compute(daemons, "compute", test_output_dir / "compute", spec, port_allocator.get(), auth_token=m.token("tenant", a), auth_public_key=m.public_key).start()
@@ -441,8 +455,7 @@ def test_pageserver_safekeeper_token_file(daemons, test_output_dir, port_allocat
     from fixtures.compute import Compute
 
     m = Minter(test_output_dir / "auth")
-    flags = ["--auth-validation-public-key-path", str(m.public_key), "--http-auth-type", "NeonJWT", "--pg-auth-type", "NeonJWT"]
-    sk = Safekeeper(daemons, 1, test_output_dir / "sk1", port_allocator.get(), port_allocator.get(), sync=False, extra_args=flags).start()
+    sk = Safekeeper(daemons, 1, test_output_dir / "sk1", port_allocator.get(), port_allocator.get(), sync=False, extra_args=m.safekeeper_flags()).start()
     a, other = uuid.uuid4().hex, uuid.uuid4().hex
     tl = uuid.uuid4().hex
     # Kept beside the keys (outside the pageserver's config, and outside what assert_no_secrets reads).
@@ -457,21 +470,12 @@ def test_pageserver_safekeeper_token_file(daemons, test_output_dir, port_allocat
         port_allocator.get(),
         [sk.addr],
         extra_conf=(
-            f"auth_validation_public_key_path = '{m.public_key}'\nhttp_auth_type = 'NeonJWT'\npg_auth_type = 'NeonJWT'\n"
-            f"safekeeper_auth_token_path = '{token_file}'\n"
+            m.pageserver_conf() + f"safekeeper_auth_token_path = '{token_file}'\n"
         ),
         env=env,
     ).start()
     api = m.token("pageserverapi")
-    assert req(ps, "POST", "/v1/tenant", api, {"tenant_id": a}).status_code == 201
-    start = req(ps, "POST", f"/v1/tenant/{a}/timeline", api, {"new_timeline_id": tl}).json()["last_record_lsn"]
-    r = requests.post(
-        f"http://127.0.0.1:{sk.http_port}/v1/tenant/{a}/timeline",
-        json={"timeline_id": tl, "start_lsn": start, "pg_version": 150018},
-        headers={"Authorization": f"Bearer {m.token('safekeeperdata')}"},
-        timeout=10,
-    )
-    assert r.status_code == 201, r.text
+    create_timeline_everywhere(ps, sk, m, a, tl)
     daemons.allow_errors("walproposer", "Postgres ended the replication stream", "disconnected", "authentication failed", "audit")
     spec = {"tenant_id": a, "timeline_id": tl, "pageserver": f"127.0.0.1:{ps.pg_port}", "safekeepers": [sk.addr], "mode": "primary", "pg_port": port_allocator.get()}
     compute = Compute(daemons, "compute", test_output_dir / "compute", spec, port_allocator.get(), auth_token=m.token("tenant", a), auth_public_key=m.public_key).start()
