@@ -427,9 +427,9 @@ mod tests {
         for _ in 0..n {
             auth.decode(&tok).unwrap();
         }
+        // A figure to read, not a bound to assert (timings are not test outcomes here).
         let per = started.elapsed() / n;
         println!("token check: {per:?} each ({n} checks)");
-        assert!(per < std::time::Duration::from_millis(5), "{per:?}");
     }
 
     #[test]
